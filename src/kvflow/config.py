@@ -71,6 +71,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative_config: object = None  # SpeculativeConfig | dict | JSON string
 
     def validate(self) -> None:
         parse_dtype(self.dtype)

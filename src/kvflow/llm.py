@@ -23,11 +23,12 @@ class LLM:
     """`LLM(model="smollm2-135m", dtype="float32", device="cpu", max_num_seqs=64, ...)`.
 
     Options follow vLLM's names: block_size, num_gpu_blocks, kv_cache_memory_gb,
-    enable_prefix_caching, max_num_batched_tokens, max_num_seqs, max_model_len, seed.
+    enable_prefix_caching, max_num_batched_tokens, max_num_seqs, max_model_len, seed,
+    speculative_config ({"method": "ngram" | "recycle" | "draft", "num_speculative_tokens": K | "auto", ...}).
     """
 
     def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu",
-                 seed: int = 0, **options):
+                 seed: int = 0, speculative_config: dict | str | None = None, **options):
         cache, sched = CacheConfig(), SchedulerConfig()
         for key, value in options.items():
             if key in _CACHE_OPTIONS:
@@ -38,7 +39,7 @@ class LLM:
                 known = sorted([*_CACHE_OPTIONS, *_SCHEDULER_OPTIONS])
                 raise ConfigError(f"unknown option {key!r}; known options: {', '.join(known)}")
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed,
-                                             cache=cache, scheduler=sched))
+                                             cache=cache, scheduler=sched, speculative_config=speculative_config))
         self._next_id = 0
 
     def get_tokenizer(self):

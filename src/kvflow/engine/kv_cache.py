@@ -86,8 +86,8 @@ class BlockPool:
         if not self.enable_prefix_caching:
             return
         hashes = self.request_hashes.setdefault(request.request_id, [])
-        num_full = min(num_computed_tokens // self.block_size, len(request.block_ids))
         tokens = request.all_token_ids
+        num_full = min(min(num_computed_tokens, len(tokens)) // self.block_size, len(request.block_ids))
         for i in range(len(hashes), num_full):
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
             h = hash((hashes[-1] if hashes else None, chunk))

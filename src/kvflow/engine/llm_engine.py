@@ -18,6 +18,9 @@ from kvflow.errors import InvalidRequestError
 from kvflow.model.loader import load_model
 from kvflow.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from kvflow.sampling_params import SamplingParams
+from kvflow.spec_decode.config import SpeculativeConfig
+from kvflow.spec_decode.speculator import Speculator
+from kvflow.spec_decode.verifier import accepted_prefix
 from kvflow.worker.model_runner import ModelRunner, StepResult
 
 logger = logging.getLogger(__name__)
@@ -51,9 +54,16 @@ class LLMEngine:
         sched_cfg = config.scheduler
         sched_cfg.max_model_len = min(sched_cfg.max_model_len, loaded.config.max_position_embeddings)
         num_blocks = self._num_blocks(dtype)
+        if num_blocks * config.cache.block_size < sched_cfg.max_model_len:
+            # Every admitted request must be able to finish alone, whatever else runs.
+            logger.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_blocks * config.cache.block_size,
+                           sched_cfg.max_model_len)
+            sched_cfg.max_model_len = num_blocks * config.cache.block_size
         self.block_pool = BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.block_pool)
         self.runner = ModelRunner(loaded.model, config.cache, num_blocks, dtype, self.device)
+        spec = SpeculativeConfig.parse(config.speculative_config)
+        self.speculator = Speculator(spec, self) if spec is not None and spec.max_tokens > 0 else None
         self.parents: dict[str, _Parent] = {}
         self._ids = itertools.count()
         self.num_prompt_tokens_total = 0
@@ -138,14 +148,21 @@ class LLMEngine:
         """Run one forward pass; return outputs for every request that advanced or finished."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            if self.scheduler.num_unfinished and not sched.num_preempted:
-                raise RuntimeError("scheduler made no progress: the KV pool is too small for a single request")
+            # max_model_len fits the pool, so a lone request always fits: no progress is a bug.
+            assert not self.scheduler.num_unfinished or sched.num_preempted, "scheduler made no progress"
             return []
+        started = time.perf_counter()
         result = self.runner.execute(sched)
-        self.scheduler.update_after_step(sched.scheduled)
+        seconds = time.perf_counter() - started
         self.num_prompt_tokens_total += sum(min(s.num_new_tokens, max(0, s.request.num_prompt_tokens - s.start))
                                             for s in sched.scheduled)
+        for s in sched.scheduled:  # sampled requests are corrected below for rejected drafts
+            s.request.num_computed_tokens = s.start + s.num_new_tokens
         touched = self._apply_result(result)
+        self.scheduler.update_after_step(sched.scheduled)
+        if self.speculator is not None:
+            self.speculator.observe_step(sched.num_tokens, seconds, result.sampled, result.sample_logits)
+            self.speculator.propose(self.scheduler)
         return [self._output(p) for p in touched]
 
     def _apply_result(self, result: StepResult) -> list[_Parent]:
@@ -154,23 +171,36 @@ class LLMEngine:
         for req, first_pos, lps in result.prompt_logprobs:
             self._add_prompt_logprobs(req, first_pos, lps)
         out = result.sampler_output
-        for row, req in enumerate(result.sampled):
-            token = out.token_ids[row]
-            req.append_token(token)
-            self.num_generation_tokens_total += 1
-            req.cumulative_logprob += out.logprobs[row]
-            if req.logprobs is not None:
-                req.logprobs.append(self._logprob_entry(out, row, token, req.params.logprobs))
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
-            self._check_stop(req, token)
+        row = 0
+        for s in result.sampled:
+            req, drafts = s.request, s.spec_token_ids
+            targets = out.token_ids[row:row + len(drafts) + 1]
+            accepted = accepted_prefix(drafts, targets)
+            req.num_computed_tokens -= len(drafts) - accepted  # rejected drafts' KV is not kept
+            if self.speculator is not None:
+                self.speculator.record_verification(req, len(drafts), accepted)
+            for j, token in enumerate(targets[:accepted + 1]):  # accepted drafts, then the target's own token
+                self._append(req, token, out, row + j, now)
+                if req.is_finished:
+                    break
+            row += len(drafts) + 1
             parent_id = req.request_id.rsplit("#", 1)[0] if req.params.n > 1 else req.request_id
             touched[parent_id] = self.parents[parent_id]
         for parent_id, parent in touched.items():
             if parent.finished:
                 del self.parents[parent_id]
         return list(touched.values())
+
+    def _append(self, req: Request, token: int, out, row: int, now: float) -> None:
+        req.append_token(token)
+        self.num_generation_tokens_total += 1
+        req.cumulative_logprob += out.logprobs[row]
+        if req.logprobs is not None:
+            req.logprobs.append(self._logprob_entry(out, row, token, req.params.logprobs))
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        self._check_stop(req, token)
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params

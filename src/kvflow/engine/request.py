@@ -41,6 +41,12 @@ class Request:
     prompt_logprobs: list[Logprob | None] | None = None
     generator: torch.Generator | None = None
     metrics: RequestMetrics = field(init=False)
+    # Speculative decoding: draft tokens to verify next step, and counters.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    acceptance_ema: float = 0.5
+    draft_num_computed: int = 0  # tokens whose KV a separate draft model holds
     detokenizer: object = None  # IncrementalDetokenizer, set by the engine
 
     def __post_init__(self) -> None:

@@ -19,13 +19,19 @@ from kvflow.engine.request import Request, RequestStatus
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # includes the speculative tokens
     start: int  # num_computed_tokens before this step
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Does this step reach the end of the request's known tokens (so it samples the next one)?"""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        return self.start + self.num_new_tokens - len(self.spec_token_ids) == self.request.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        known = self.request.all_token_ids[self.start:self.start + self.num_new_tokens - len(self.spec_token_ids)]
+        return known + self.spec_token_ids if self.spec_token_ids else known
 
 
 @dataclass
@@ -70,7 +76,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._grow(req, req.num_computed_tokens + n):
+            spec = self._spec_tokens(req, n, budget)
+            n += len(spec)
+            while not self.reserve(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.num_preempted += 1
@@ -78,13 +86,20 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:  # it was the least important one left
                 break
-            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens, spec))
             budget -= n
             i += 1
 
         if out.num_preempted == 0:
             budget = self._admit_waiting(out, budget)
         return out
+
+    def _spec_tokens(self, req: Request, n: int, budget: int) -> list[int]:
+        """Draft tokens ride along when the request is decoding, within the budget and the context."""
+        if not req.spec_token_ids or req.num_computed_tokens + n != req.num_tokens:
+            return []
+        room = min(budget - n, self.config.max_model_len - req.num_tokens)
+        return req.spec_token_ids[:max(0, room)]
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         still_waiting: list[Request] = []
@@ -125,7 +140,8 @@ class Scheduler:
         return (lead is not None and self.pool.enable_prefix_caching and not lead.is_finished
                 and lead.num_computed_tokens < lead.num_prompt_tokens)
 
-    def _grow(self, req: Request, num_tokens: int) -> bool:
+    def reserve(self, req: Request, num_tokens: int) -> bool:
+        """Make the request own blocks for `num_tokens` positions (all or nothing)."""
         need = self.pool.blocks_needed(num_tokens) - len(req.block_ids)
         if need <= 0:
             return True
@@ -139,6 +155,7 @@ class Scheduler:
         self.running.remove(req)
         self.pool.free(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.status = RequestStatus.WAITING
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -146,10 +163,16 @@ class Scheduler:
         self._sort_waiting()  # back to the front among its priority: it is older than any newcomer
 
     def update_after_step(self, scheduled: list[ScheduledRequest]) -> None:
-        """Advance computed counts and publish newly full blocks to the prefix cache."""
+        """After the engine has advanced num_computed_tokens past the verified tokens: drop blocks
+        that only rejected draft tokens needed, and publish newly full blocks to the prefix cache."""
         for s in scheduled:
             req = s.request
-            req.num_computed_tokens = s.start + s.num_new_tokens
+            if req.is_finished:
+                continue
+            keep = self.pool.blocks_needed(req.num_tokens)
+            if len(req.block_ids) > keep:
+                self.pool.release(req.block_ids[keep:][::-1])
+                del req.block_ids[keep:]
             self.pool.cache_full_blocks(req, req.num_computed_tokens)
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
@@ -157,6 +180,7 @@ class Scheduler:
             self.running.remove(req)
         elif req.status == RequestStatus.WAITING:
             self.waiting.remove(req)
+        self.pool.cache_full_blocks(req, req.num_computed_tokens)  # a finished chat turn is the next one's prefix
         self.pool.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason

@@ -13,6 +13,28 @@ from dataclasses import dataclass
 import torch
 
 from kvflow.engine.request import Request
+from kvflow.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one logits row. A request has one row per step, or
+    1 + K rows when K speculative tokens are verified; row i then sees the history extended by the
+    first i draft tokens, so penalties and min_tokens act exactly as without speculation."""
+    params: SamplingParams
+    generator: torch.Generator | None
+    eos_token_ids: tuple[int, ...]
+    all_token_ids: list[int]
+    output_token_ids: list[int]
+    under_min_tokens: bool
+
+    @classmethod
+    def for_request(cls, req: Request, drafts: list[int] = ()) -> "SamplingRow":
+        if drafts and req.params.needs_penalties:
+            return cls(req.params, req.generator, req.eos_token_ids, req.all_token_ids + list(drafts),
+                       req.output_token_ids + list(drafts), req.num_output_tokens + len(drafts) < req.params.min_tokens)
+        return cls(req.params, req.generator, req.eos_token_ids, req.all_token_ids, req.output_token_ids,
+                   req.num_output_tokens + len(drafts) < req.params.min_tokens)
 
 
 @dataclass
@@ -24,10 +46,10 @@ class SamplerOutput:
     sampled_ranks: list[int] | None  # rank of each sampled token, when logprobs were asked
 
 
-def sample(logits: torch.Tensor, requests: list[Request], eos_mask_rows: list[bool]) -> SamplerOutput:
-    """logits: [S, V] float32, one row per request. eos_mask_rows: rows still under min_tokens."""
+def sample(logits: torch.Tensor, requests: list[SamplingRow]) -> SamplerOutput:
+    """logits: [S, V] float32, one SamplingRow each."""
     raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logits = _apply_penalties_and_bias(logits, requests, eos_mask_rows)
+    logits = _apply_penalties_and_bias(logits, requests)
     params = [r.params for r in requests]
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     chosen = logits.argmax(dim=-1)
@@ -45,10 +67,11 @@ def sample(logits: torch.Tensor, requests: list[Request], eos_mask_rows: list[bo
     return SamplerOutput(token_ids, chosen_lp.tolist(), top_ids, top_lp, ranks)
 
 
-def _apply_penalties_and_bias(logits: torch.Tensor, requests: list[Request], eos_mask_rows: list[bool]) -> torch.Tensor:
+def _apply_penalties_and_bias(logits: torch.Tensor, requests: list[SamplingRow]) -> torch.Tensor:
     touched = False
-    for row, (req, mask_eos) in enumerate(zip(requests, eos_mask_rows)):
+    for row, req in enumerate(requests):
         p = req.params
+        mask_eos = req.under_min_tokens
         if not (p.needs_penalties or p.logit_bias or mask_eos):
             continue
         if not touched:
@@ -67,7 +90,7 @@ def _apply_penalties_and_bias(logits: torch.Tensor, requests: list[Request], eos
     return logits
 
 
-def _penalize(row: torch.Tensor, req: Request) -> torch.Tensor:
+def _penalize(row: torch.Tensor, req: SamplingRow) -> torch.Tensor:
     p = req.params
     vocab = row.shape[0]
     if p.repetition_penalty != 1.0:  # Hugging Face / CTRL rule, over prompt and output tokens
@@ -82,7 +105,7 @@ def _penalize(row: torch.Tensor, req: Request) -> torch.Tensor:
     return row
 
 
-def _random_sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _random_sample(logits: torch.Tensor, requests: list[SamplingRow]) -> torch.Tensor:
     params = [r.params for r in requests]
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]

