@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvflow.layers import cpu_kernels
+
 
 @dataclass
 class AttentionGroup:
@@ -19,6 +21,7 @@ class AttentionGroup:
     valid: torch.Tensor | None  # [B, Q] bool, None when every query is real (decodes)
     block_tables: torch.Tensor  # [B, max_blocks]
     mask: torch.Tensor  # [B, 1, Q, L] bool, True where the query may attend the key
+    ctx_lens: torch.Tensor | None = None  # [B] keys per request, for the decode kernel
 
 
 @dataclass
@@ -41,6 +44,10 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     for g in meta.groups:
+        if g.ctx_lens is not None and cpu_kernels.can_run_decode(q, k_cache):
+            rows = g.token_index.view(-1)
+            out[rows] = cpu_kernels.paged_decode(q[rows], k_cache, v_cache, g.block_tables, g.ctx_lens, scale)
+            continue
         B = g.block_tables.shape[0]
         qg = q[g.token_index].transpose(1, 2)  # [B, Hq, Q, D]
         kg = k_cache[g.block_tables].view(B, -1, num_kv_heads, head_dim).transpose(1, 2)

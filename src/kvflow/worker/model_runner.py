@@ -57,8 +57,10 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
     groups = []
     if num_single:
         ctx = int(ctx_lens[:num_single].max())
-        groups.append(_group(torch.arange(num_single)[:, None], None, tables[:num_single, :(ctx + bs - 1) // bs],
-                             positions[:num_single, None], bs, device))
+        decode = _group(torch.arange(num_single)[:, None], None, tables[:num_single, :(ctx + bs - 1) // bs],
+                        positions[:num_single, None], bs, device)
+        decode.ctx_lens = ctx_lens[:num_single].to(device)
+        groups.append(decode)
     if num_single < num_reqs:
         m_lens, m_first = lens_t[num_single:], first_token[num_single:]
         offs = torch.arange(int(m_lens.max()))[None, :]

@@ -1,0 +1,83 @@
+"""Builds and loads the C kernels in csrc/ with the system C compiler (about a second, once per
+machine; cached under ~/.cache/kvflow). The library links libgomp by soname, so it shares the
+OpenMP runtime torch already loaded. Without a compiler, or with KVFLOW_CPU_KERNELS=0, kvflow runs
+the plain-torch path: same results up to float rounding."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+_lib: ctypes.CDLL | None = None
+_tried = False
+_LIMITS = (0, 0, 0)
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler: paged decode attention runs in plain torch")
+        return None
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow")) / "kernels"
+    target = cache / f"paged_decode-{digest}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp), "-lm"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            logger.warning("building the CPU attention kernel failed, using plain torch: %s", result.stderr[-500:])
+            return None
+        os.replace(tmp, target)
+    lib = ctypes.CDLL(str(target))
+    args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float]
+    for fn in (lib.paged_decode_f32, lib.paged_decode_bf16):
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def kernels() -> ctypes.CDLL | None:
+    global _lib, _tried, _LIMITS
+    if not _tried:
+        _tried = True
+        if os.environ.get("KVFLOW_CPU_KERNELS", "1") != "0":
+            try:
+                _lib = _build()
+            except OSError as e:
+                logger.warning("cannot load the CPU attention kernel, using plain torch: %s", e)
+            if _lib is not None:
+                g, d, bs = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+                _lib.kvflow_kernel_limits(ctypes.byref(g), ctypes.byref(d), ctypes.byref(bs))
+                _LIMITS = (g.value, d.value, bs.value)
+    return _lib
+
+
+def can_run_decode(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """q: [B, Hq, D]; k_cache: [num_blocks, block_size, Hk, D]."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or kernels() is None:
+        return False
+    max_g, max_d, max_bs = _LIMITS
+    return q.shape[1] // k_cache.shape[2] <= max_g and q.shape[2] <= max_d and k_cache.shape[1] <= max_bs
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query token per request over its first ctx_lens[b] cached positions."""
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    B, Hq, D = q.shape
+    _, BS, Hk, _ = k_cache.shape
+    fn = _lib.paged_decode_f32 if q.dtype == torch.float32 else _lib.paged_decode_bf16
+    fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
+       out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale)
+    return out
