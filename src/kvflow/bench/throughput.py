@@ -104,6 +104,10 @@ def run_kvflow(cfg: ThroughputConfig) -> tuple[dict, list[BenchRequest]]:
     if cfg.warmup:  # one small request outside the timing: first-call allocations and kernel choice
         llm.generate([requests[0].prompt_token_ids[:8]], SamplingParams(temperature=0, ignore_eos=True, max_tokens=2))
     matmul = _measure_matmul(cfg, model_cfg)
+    speculator = llm.engine.speculator
+    if speculator is not None:  # count the timed run only
+        from kvflow.spec_decode.speculator import SpecStats
+        speculator.stats = SpecStats()
     params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=r.output_len) for r in requests]
     prompts = [r.prompt_token_ids for r in requests]
     start = time.perf_counter()
@@ -118,6 +122,8 @@ def run_kvflow(cfg: ThroughputConfig) -> tuple[dict, list[BenchRequest]]:
               "model_config": model_cfg, **matmul}
     result["model_flops"] = sum(request_flops(model_cfg, r.prompt_len, o, c)
                                 for r, o, c in zip(requests, output_tokens, cached))
+    if speculator is not None:
+        result["spec_decode"] = speculator.stats.as_dict()
     if len(outs) == 1 and outs[0].metrics is not None:
         m = outs[0].metrics
         if m.first_token_time is not None:
@@ -185,12 +191,24 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
         "flops_ratio": (raw["model_flops"] / elapsed / raw["matmul_flops_per_s"]) if raw.get("matmul_flops_per_s") else None,
         "ttft_s": raw.get("ttft_s"),
         "decode_tokens_per_s": raw.get("decode_tokens_per_s"),
+        "speculative_config": _spec_config(cfg) if cfg.backend == "kvflow" else None,
+        "spec_decode": raw.get("spec_decode"),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "machine": platform.machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return res
+
+
+def _spec_config(cfg: ThroughputConfig) -> dict | None:
+    value = cfg.engine_options.get("speculative_config")
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        return json.loads(value)
+    from dataclasses import asdict
+    return asdict(value)  # a SpeculativeConfig
 
 
 def format_result(res: dict) -> str:
@@ -213,6 +231,12 @@ def format_result(res: dict) -> str:
         if res["decode_tokens_per_s"] is not None:
             single += f", decode {res['decode_tokens_per_s']:.1f} tokens/s"
         lines.append(single)
+    spec = res.get("spec_decode")
+    if spec is not None:
+        lines.append(f"Speculative decoding ({res['speculative_config'].get('method')}): "
+                     f"{spec['accepted_tokens']} of {spec['draft_tokens']} draft tokens accepted "
+                     f"(acceptance rate {spec['acceptance_rate']:.2f}), mean K {spec['mean_k']:.2f}, "
+                     f"K histogram {spec['k_histogram']}")
     return "\n".join(lines)
 
 

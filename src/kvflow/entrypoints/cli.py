@@ -34,7 +34,7 @@ class _Fail(Exception):
 
 # ---------------- shared options ----------------
 _ENGINE_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
-                   "kv_cache_memory_gb", "enable_prefix_caching", "max_model_len")
+                   "kv_cache_memory_gb", "enable_prefix_caching", "max_model_len", "speculative_config")
 
 
 def _add_model_args(p: argparse.ArgumentParser, seed_help: str = "engine random seed (default 0)") -> None:
@@ -57,10 +57,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of shared prompt prefixes")
     g.add_argument("--max-model-len", type=int, help="longest prompt + output, tokens")
+    g.add_argument("--speculative-config", metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        '(methods ngram, recycle, draft; K an integer or "auto")')
 
 
 def _engine_options(args) -> dict:
-    return {k: getattr(args, k) for k in _ENGINE_OPTIONS if getattr(args, k, None) is not None}
+    options = {k: getattr(args, k) for k in _ENGINE_OPTIONS if getattr(args, k, None) is not None}
+    if "speculative_config" in options:  # fail fast, before the model loads
+        from kvflow.spec_decode.config import SpeculativeConfig
+        SpeculativeConfig.parse(options["speculative_config"])
+    return options
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, with_n: bool = True) -> None:

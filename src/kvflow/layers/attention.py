@@ -21,7 +21,7 @@ class AttentionGroup:
     valid: torch.Tensor | None  # [B, Q] bool, None when every query is real (decodes)
     block_tables: torch.Tensor  # [B, max_blocks]
     mask: torch.Tensor  # [B, 1, Q, L] bool, True where the query may attend the key
-    ctx_lens: torch.Tensor | None = None  # [B] keys per request, for the decode kernel
+    ctx_lens: torch.Tensor | None = None  # [B] keys per request; set on the decode group, rows [0, B)
 
 
 @dataclass
@@ -45,8 +45,8 @@ def paged_attention(
     out = torch.empty_like(q)
     for g in meta.groups:
         if g.ctx_lens is not None and cpu_kernels.can_run_decode(q, k_cache):
-            rows = g.token_index.view(-1)
-            out[rows] = cpu_kernels.paged_decode(q[rows], k_cache, v_cache, g.block_tables, g.ctx_lens, scale)
+            n = g.ctx_lens.shape[0]  # the decode group is the batch's first n tokens
+            out[:n] = cpu_kernels.paged_decode(q[:n], k_cache, v_cache, g.block_tables, g.ctx_lens, scale)
             continue
         B = g.block_tables.shape[0]
         qg = q[g.token_index].transpose(1, 2)  # [B, Hq, Q, D]

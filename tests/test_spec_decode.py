@@ -1,0 +1,670 @@
+"""Speculative decoding is lossless: with every proposer (prompt lookup, Token Recycling, a draft
+model, layer-skip self-speculation, and K chosen by goodput), greedy outputs equal the engine's own
+non-speculative outputs token for token, alone, in a batch of 32 with prefix caching, and under
+preemption; stop strings, EOS, max_tokens, logprobs, penalties and min_tokens behave as without
+speculation; rejected drafts leave no KV behind; metrics add up; bad configurations fail at start-up.
+
+The workload is input-grounded (prompts that make the model copy a passage), so drafts really get
+accepted. Where a test must be sure that a stop string or EOS lands *inside* an accepted run, an
+oracle proposer drafts the reference continuation itself (perfect, or corrupted at random places so
+runs are cut short and rolled back).
+
+References come from the same engine without speculation. A first difference where the reference
+model scores both tokens within TIE_TOLERANCE is a float tie (verification runs the drafts as one
+chunk, a plain decode one token at a time); the comparison ends there and passes."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from engine_helpers import BASE_PROMPTS, EOS_ID, MODEL, PARAGRAPHS, render_prompt
+from kvflow import SamplingParams
+from kvflow.errors import ConfigError, KvflowError
+from kvflow.spec_decode.config import SpeculativeConfig
+from kvflow.spec_decode.goodput import StepTimeModel, choose_k, expected_tokens
+from kvflow.spec_decode.verifier import accepted_prefix
+
+MAX_TOKENS = 24
+TIE_TOLERANCE = 2e-4  # kvflow vs kvflow: only the batch shape differs
+POOL = 384  # KV blocks of the ordinary engines (32 requests x ~9 blocks fit)
+
+METHODS = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 4},
+    "recycle": {"method": "recycle", "num_speculative_tokens": 3},
+    # The target as its own draft: greedy acceptance should be ~100%.
+    "draft_self": {"method": "draft", "draft_model": MODEL, "num_speculative_tokens": 3},
+    "layer_skip": {"method": "draft", "layer_skip": 24, "num_speculative_tokens": 2},
+    "ngram_auto": {"method": "ngram", "num_speculative_tokens": "auto"},
+}
+CORE = ["ngram", "recycle", "draft_self", "layer_skip"]
+
+
+# ---------------- engines ----------------
+@pytest.fixture(scope="module")
+def ref_llm(make_llm):
+    return make_llm(num_gpu_blocks=POOL)
+
+
+@pytest.fixture(scope="module")
+def spec_llm(make_llm):
+    """spec_llm(method, **options): an engine with that speculative config, made once per options.
+    A separate draft model would load the weights a second time (seconds); it reuses the session's
+    loaded copy instead, with its own KV tensors and bookkeeping exactly as a separate model."""
+    import kvflow.engine.llm_engine as llm_engine
+    import kvflow.model.loader as loader
+
+    def get(method: str, **options):
+        opts = dict(num_gpu_blocks=POOL, **options)
+        spec = json.dumps(METHODS[method])  # a string: the CLI's form, and hashable for make_llm
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loader, "load_model", llm_engine.load_model)
+            llm = make_llm(speculative_config=spec, **opts)
+        assert llm.engine.speculator is not None
+        return llm
+    return get
+
+
+# ---------------- the workload ----------------
+def _sentences(text: str, n: int, skip: int = 0) -> str:
+    return " ".join(re.split(r"(?<=[.!?]) ", text)[skip:skip + n])
+
+
+CODE = ('def moving_average(values, window):\n    """Average of each run of `window` values."""\n'
+        '    out = []\n    total = sum(values[:window])\n    out.append(total / window)\n'
+        '    for i in range(window, len(values)):\n        total += values[i] - values[i - window]\n'
+        '        out.append(total / window)\n    return out\n')
+RECORDS = ('{"id": 1, "name": "Alice", "city": "Paris", "role": "engineer"}\n'
+           '{"id": 2, "name": "Bob", "city": "Berlin", "role": "designer"}\n'
+           '{"id": 3, "name": "Carol", "city": "Madrid", "role": "manager"}\n')
+
+
+def _chat(llm, text: str) -> list[int]:
+    return llm.apply_chat_template([{"role": "user", "content": text}])
+
+
+@dataclasses.dataclass
+class Case:
+    label: str
+    ids: list[int]
+    params: SamplingParams
+    passage: str = ""
+
+
+def _params(**kw) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": MAX_TOKENS, **kw})
+
+
+def _stop_from(passage: str, word: int) -> str:
+    """Two words of the passage: the stop string lands where the model copies them."""
+    words = passage.split()
+    return " ".join(words[word:word + 2])
+
+
+def grounded_cases(llm) -> list[Case]:
+    """16 prompts the model answers by copying, with the sampling options spread over them."""
+    tok = llm.get_tokenizer()
+    cases = []
+    for i, p in enumerate(PARAGRAPHS[:6]):
+        passage = _sentences(p, 2)
+        cases.append(Case(f"chat-repeat-{i}", _chat(llm, "Repeat exactly the following text:\n\n" + passage),
+                          _params(), passage))
+    for i, p in enumerate(PARAGRAPHS[:6]):
+        passage = _sentences(p, 2, skip=1)
+        cases.append(Case(f"copy-{i}", tok.encode(passage + "\n\n" + " ".join(passage.split()[:6])),
+                          _params(), passage))
+    cases.append(Case("chat-code", _chat(llm, "Copy this Python function exactly:\n\n" + CODE), _params(), CODE))
+    cases.append(Case("copy-code", tok.encode(CODE + "\n\n# The same function, again:\n" + CODE.split("\n")[0] + "\n"),
+                      _params(), CODE))
+    cases.append(Case("copy-json", tok.encode(RECORDS + RECORDS.split("\n")[0][:20]), _params(), RECORDS))
+    cases.append(Case("chat-short", _chat(llm, "Repeat exactly: The cat sat on the mat."), _params(),
+                      "The cat sat on the mat."))
+    by = {c.label: c for c in cases}
+    # Stop strings from the passage (they land mid-copy), odd max_tokens, logprobs, penalties, min_tokens.
+    for label, word in (("chat-repeat-0", 8), ("chat-repeat-1", 11), ("copy-0", 10), ("copy-1", 6)):
+        by[label].params = _params(stop=[_stop_from(by[label].passage, word)])
+    by["copy-2"].params = _params(stop=[_stop_from(by["copy-2"].passage, 9)], include_stop_str_in_output=True)
+    by["chat-repeat-2"].params = _params(max_tokens=7)
+    by["copy-3"].params = _params(max_tokens=11)
+    by["copy-code"].params = _params(max_tokens=13)
+    by["chat-repeat-3"].params = _params(logprobs=2)
+    by["copy-4"].params = _params(logprobs=2, stop=["\n\n"])
+    by["chat-repeat-4"].params = _params(repetition_penalty=1.3)
+    by["copy-5"].params = _params(frequency_penalty=0.5, presence_penalty=0.2)
+    by["chat-short"].params = _params(min_tokens=12)
+    by["copy-json"].params = _params(stop=['"city"'])
+    assert len(cases) == 16
+    return cases
+
+
+def batch_cases(llm, grounded: list[Case]) -> list[Case]:
+    """The 16 grounded cases, the 8 varied base prompts, 4 exact repeats (prefix-cache hits inside
+    the batch) and 4 prompts sharing a passage with a grounded one under another instruction."""
+    out = list(grounded)
+    for label, prompt in BASE_PROMPTS:
+        out.append(Case(f"base-{label}", render_prompt(llm, prompt), _params()))
+    for c in (grounded[0], grounded[6], grounded[12], grounded[13]):
+        out.append(Case(c.label + "-again", list(c.ids), _params(), c.passage))
+    for i in range(4):
+        passage = _sentences(PARAGRAPHS[i], 2)
+        out.append(Case(f"chat-summary-{i}", _chat(llm, "Repeat exactly the following text:\n\n" + passage
+                                                        + "\n\nThen summarise it in one sentence."), _params(), passage))
+    assert len(out) == 32
+    return out
+
+
+@pytest.fixture(scope="module")
+def workload(ref_llm):
+    """The cases and the non-speculative reference output of each (one batch run)."""
+    grounded = grounded_cases(ref_llm)
+    cases = batch_cases(ref_llm, grounded)
+    outs = ref_llm.generate([c.ids for c in cases], [c.params for c in cases])
+    refs = {c.label: o.outputs[0] for c, o in zip(cases, outs)}
+    return dict(grounded=grounded, batch=cases, refs=refs)
+
+
+# ---------------- comparison ----------------
+def _plain(p: SamplingParams) -> bool:
+    """Greedy on the raw logits: a raw-logprob tie check applies."""
+    return not (p.needs_penalties or p.logit_bias or p.min_tokens)
+
+
+def _is_tie(ref_llm, prompt_ids: list[int], prefix: list[int], a: int, b: int) -> tuple[bool, float]:
+    out = ref_llm.generate(prompt_ids + prefix, SamplingParams(temperature=0.0, max_tokens=1, logprobs=20))
+    entry = out.outputs[0].logprobs[0]
+    if a not in entry or b not in entry:
+        return False, float("inf")
+    gap = abs(entry[a].logprob - entry[b].logprob)
+    return gap <= TIE_TOLERANCE, gap
+
+
+def compare(ref_llm, case: Case, want, got) -> str | None:
+    """None when `got` (speculative) is the reference `want`; else what differs."""
+    tok = ref_llm.get_tokenizer()
+    w, g = list(want.token_ids), list(got.token_ids)
+    if w != g:
+        i = next((j for j, (x, y) in enumerate(zip(w, g)) if x != y), min(len(w), len(g)))
+        if i < min(len(w), len(g)) and _plain(case.params):
+            tie, gap = _is_tie(ref_llm, case.ids, w[:i], w[i], g[i])
+            if tie:
+                return None
+            detail = f"spec token {g[i]} {tok.decode([g[i]])!r} vs {w[i]} {tok.decode([w[i]])!r} (logprob gap {gap:.2e})"
+        else:
+            detail = f"spec gave {len(g)} tokens, reference {len(w)}"
+        return (f"[{case.label}] first difference at output index {i}: {detail}\n"
+                f"    spec: {tok.decode(g)!r}\n    ref:  {tok.decode(w)!r}")
+    for field in ("text", "finish_reason", "stop_reason"):
+        if getattr(want, field) != getattr(got, field):
+            return f"[{case.label}] {field}: spec {getattr(got, field)!r} vs reference {getattr(want, field)!r}"
+    if abs(want.cumulative_logprob - got.cumulative_logprob) > 1e-3:
+        return f"[{case.label}] cumulative_logprob {got.cumulative_logprob} vs {want.cumulative_logprob}"
+    if case.params.logprobs is not None:
+        if got.logprobs is None or len(got.logprobs) != len(want.logprobs):
+            return f"[{case.label}] logprobs missing or of the wrong length"
+        for pos, (we, ge) in enumerate(zip(want.logprobs, got.logprobs)):
+            if list(we) != list(ge):  # sampled token first, then the top-N in rank order
+                return f"[{case.label}] logprob entries at {pos}: spec {list(ge)} vs {list(we)}"
+            for t in we:
+                if abs(we[t].logprob - ge[t].logprob) > 1e-3 or we[t].rank != ge[t].rank:
+                    return (f"[{case.label}] logprob of token {t} at {pos}: spec {ge[t]} vs {we[t]}")
+    return None
+
+
+def check_all(ref_llm, cases: list[Case], refs: dict, outs, what: str) -> None:
+    problems = []
+    for case, out in zip(cases, outs):
+        assert out.error is None and out.finished, f"[{case.label}] {out.error}"
+        msg = compare(ref_llm, case, refs[case.label], out.outputs[0])
+        if msg:
+            problems.append(msg)
+    assert not problems, f"{what}: {len(problems)} of {len(cases)} outputs differ from non-speculative:\n" + "\n".join(problems)
+
+
+# ---------------- recording what speculation did ----------------
+class Recorder:
+    """Collects the engine's Request objects (they leave the engine when finished) and every
+    verification: (request, output length before it, drafts verified, drafts accepted)."""
+
+    def __init__(self, llm, monkeypatch):
+        eng = llm.engine
+        self.engine = eng
+        self.requests = []
+        self.steps = []
+        self.stats0 = dataclasses.replace(eng.speculator.stats, k_histogram=dict(eng.speculator.stats.k_histogram))
+        real_add, real_record = eng.scheduler.add, eng.speculator.record_verification
+
+        def add(req):
+            self.requests.append(req)
+            real_add(req)
+
+        def record(req, num_drafts, num_accepted):
+            self.steps.append((req, req.num_output_tokens, num_drafts, num_accepted))
+            real_record(req, num_drafts, num_accepted)
+
+        monkeypatch.setattr(eng.scheduler, "add", add)
+        monkeypatch.setattr(eng.speculator, "record_verification", record)
+
+    @property
+    def drafted(self) -> int:
+        return self.engine.speculator.stats.num_drafts - self.stats0.num_drafts
+
+    @property
+    def accepted(self) -> int:
+        return self.engine.speculator.stats.num_accepted - self.stats0.num_accepted
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(1, self.drafted)
+
+    def check_metrics(self) -> None:
+        """Accepted <= drafted per verification, per request and in aggregate, and they add up."""
+        for req, _, n, a in self.steps:
+            assert 0 <= a <= n, f"[{req.request_id}] accepted {a} of {n} drafts"
+        for req in self.requests:
+            assert req.is_finished, req.request_id
+            assert 0 <= req.num_accepted_tokens <= req.num_draft_tokens, (
+                f"[{req.request_id}] accepted {req.num_accepted_tokens} > drafted {req.num_draft_tokens}")
+        assert sum(r.num_draft_tokens for r in self.requests) == self.drafted == sum(n for _, _, n, _ in self.steps)
+        assert sum(r.num_accepted_tokens for r in self.requests) == self.accepted == sum(a for _, _, _, a in self.steps)
+        stats = self.engine.speculator.stats
+        assert 0 <= stats.num_accepted <= stats.num_drafts
+        assert 0.0 <= stats.acceptance_rate <= 1.0
+        assert sum(stats.k_histogram.values()) == stats.num_steps
+        assert stats.sum_k == sum(k * c for k, c in stats.k_histogram.items())
+        d = stats.as_dict()
+        assert d["draft_tokens"] == stats.num_drafts and d["accepted_tokens"] == stats.num_accepted
+
+    def cut_runs(self) -> dict[str, tuple[int, int, int]]:
+        """Per finished request, its last verification: (drafts, accepted, tokens kept). A request
+        whose stop landed inside an accepted run kept fewer than accepted + 1 tokens."""
+        last = {}
+        for req, before, n, a in self.steps:
+            last[req.request_id] = (req, before, n, a)
+        return {rid: (n, a, req.num_output_tokens - before) for rid, (req, before, n, a) in last.items()}
+
+
+def assert_blocks_free(llm) -> None:
+    pool = llm.engine.block_pool
+    assert pool.num_free_blocks == pool.num_blocks, f"{pool.num_blocks - pool.num_free_blocks} KV blocks not freed"
+    assert all(b.ref_count == 0 for b in pool.blocks)
+
+
+# ---------------- configuration errors ----------------
+@pytest.mark.parametrize("value, needle", [
+    ({"method": "medusa"}, "unknown speculative method"),
+    ({"method": "ngram", "num_speculative_tokens": -1}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2.5}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": "many"}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": True}, "num_speculative_tokens"),
+    ({"num_speculative_tokens": 3}, "method"),
+    ({"method": "ngram", "lookahead": 3}, "unknown keys"),
+    ({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+    ({"method": "recycle", "recycle_topk": 0}, "recycle_topk"),
+    ({"method": "draft"}, "draft_model"),
+    ({"method": "draft", "draft_model": "x", "layer_skip": 4}, "exactly one"),
+    ({"method": "draft", "layer_skip": 0}, "layer_skip"),
+    ({"method": "ngram", "num_speculative_tokens": "auto", "max_speculative_tokens": 0}, "max_speculative_tokens"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "dict or JSON object"),
+])
+def test_config_parse_errors(value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        SpeculativeConfig.parse(value)
+
+
+def test_config_parse_accepts_dict_json_and_auto():
+    a = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 5})
+    b = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 5}')
+    assert a == b and a.max_tokens == 5 and not a.auto
+    c = SpeculativeConfig.parse({"method": "recycle", "num_speculative_tokens": "auto", "max_speculative_tokens": 3})
+    assert c.auto and c.max_tokens == 3
+    assert SpeculativeConfig.parse(None) is None and SpeculativeConfig.parse(a) is a
+
+
+def _tiny_llama(path, vocab_size: int, tokenizer, max_positions: int = 2048):
+    """A 2-layer random Llama in Hugging Face format (config.json, safetensors, tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_drafts(ref_llm, tmp_path_factory):
+    """Tiny random draft models: one with the target's tokenizer, one with a smaller vocabulary,
+    one whose tokenizer numbers two tokens the other way round (same size), one with a short context."""
+    tok = ref_llm.get_tokenizer()
+    vocab = ref_llm.engine.model_config.vocab_size
+    root = tmp_path_factory.mktemp("drafts")
+    out = {"same": _tiny_llama(root / "same", vocab, tok),
+           "small_vocab": _tiny_llama(root / "small_vocab", 1000, tok),
+           "short_context": _tiny_llama(root / "short_context", vocab, tok, max_positions=64)}
+    swapped = _tiny_llama(root / "swapped", vocab, tok)
+    tj = root / "swapped" / "tokenizer.json"
+    data = json.loads(tj.read_text())
+    v = data["model"]["vocab"]
+    a, b = "hello", "world"
+    assert a in v and b in v
+    v[a], v[b] = v[b], v[a]
+    tj.write_text(json.dumps(data))
+    out["swapped"] = swapped
+    return out
+
+
+@pytest.mark.parametrize("which", ["unknown_method", "negative_k", "missing_draft_model", "layer_skip_all",
+                                   "layer_skip_over", "small_vocab", "swapped_tokenizer", "short_context"])
+def test_bad_configs_fail_at_startup(make_llm, ref_llm, tiny_drafts, which):
+    """Every bad configuration raises ConfigError when the LLM is built, naming the problem."""
+    layers = ref_llm.engine.model_config.num_layers
+    spec, needle = {
+        "unknown_method": ({"method": "eagle"}, "unknown speculative method"),
+        "negative_k": ({"method": "ngram", "num_speculative_tokens": -2}, "num_speculative_tokens"),
+        "missing_draft_model": ({"method": "draft", "num_speculative_tokens": 2}, "draft_model"),
+        "layer_skip_all": ({"method": "draft", "layer_skip": layers}, "layer_skip"),
+        "layer_skip_over": ({"method": "draft", "layer_skip": layers + 5}, "layer_skip"),
+        "small_vocab": ({"method": "draft", "draft_model": tiny_drafts["small_vocab"]}, "vocabulary"),
+        "swapped_tokenizer": ({"method": "draft", "draft_model": tiny_drafts["swapped"]}, "tokenizer|vocabulary"),
+        # A draft whose context is shorter than the engine's max_model_len would index past its
+        # rotary table mid-generation: refuse it at start-up (or clamp max_model_len).
+        "short_context": ({"method": "draft", "draft_model": tiny_drafts["short_context"]}, "max_model_len|context|position"),
+    }[which]
+    with pytest.raises(ConfigError, match=needle):
+        make_llm(num_gpu_blocks=32, max_model_len=256, speculative_config=json.dumps(spec))
+
+
+def test_missing_draft_model_path_is_a_clear_error(make_llm, tmp_path):
+    with pytest.raises(KvflowError, match="not found"):
+        make_llm(num_gpu_blocks=32, speculative_config=json.dumps(
+            {"method": "draft", "draft_model": str(tmp_path / "no-such-model")}))
+
+
+def test_k_zero_means_no_speculation(make_llm):
+    llm = make_llm(num_gpu_blocks=32, speculative_config=json.dumps({"method": "ngram", "num_speculative_tokens": 0}))
+    assert llm.engine.speculator is None
+
+
+def test_tiny_random_draft_model_is_lossless(make_llm, ref_llm, workload, tiny_drafts, monkeypatch):
+    """A separate draft model with other shapes (2 layers, 2 KV heads of 16): its drafts are
+    nearly always wrong, and the output is still exactly the target's."""
+    llm = make_llm(num_gpu_blocks=POOL, speculative_config=json.dumps(
+        {"method": "draft", "draft_model": tiny_drafts["same"], "num_speculative_tokens": 3}))
+    rec = Recorder(llm, monkeypatch)
+    cases = workload["grounded"][:8]
+    outs = llm.generate([c.ids for c in cases], [c.params for c in cases])
+    check_all(ref_llm, cases, workload["refs"], outs, "tiny random draft")
+    rec.check_metrics()
+    assert rec.drafted > 0
+    assert_blocks_free(llm)
+
+
+# ---------------- greedy equality per method ----------------
+@pytest.mark.parametrize("method", CORE)
+def test_greedy_alone(spec_llm, ref_llm, workload, method, monkeypatch):
+    """16 input-grounded prompts, each alone, equal the non-speculative outputs."""
+    llm = spec_llm(method)
+    rec = Recorder(llm, monkeypatch)
+    cases = workload["grounded"]
+    outs = []
+    for c in cases:
+        outs.append(llm.generate(c.ids, c.params))
+        assert_blocks_free(llm)
+    check_all(ref_llm, cases, workload["refs"], outs, f"{method}, alone")
+    rec.check_metrics()
+    assert rec.drafted > 0
+    if method in ("ngram", "draft_self"):
+        assert rec.accepted > 0.3 * rec.drafted, f"{method}: acceptance {rec.acceptance:.2f} on copying prompts"
+    if method == "draft_self":
+        assert rec.acceptance > 0.9, f"the target drafting for itself: acceptance {rec.acceptance:.2f}"
+
+
+@pytest.mark.parametrize("method", CORE + ["ngram_auto"])
+def test_greedy_batch_of_32_with_prefix_cache(spec_llm, ref_llm, workload, method, monkeypatch):
+    """32 requests in one call (repeats and shared passages hit the prefix cache), then 4 prompts
+    that extend finished requests by their own output: their cache hits cover blocks of generated,
+    verified tokens, and their continuations are still the reference."""
+    llm = spec_llm(method)
+    assert llm.engine.block_pool.enable_prefix_caching
+    rec = Recorder(llm, monkeypatch)
+    cases, refs = workload["batch"], workload["refs"]
+    outs = llm.generate([c.ids for c in cases], [c.params for c in cases])
+    check_all(ref_llm, cases, refs, outs, f"{method}, batch of 32")
+    assert sum(o.num_cached_tokens for o in outs) > 0, "repeated prompts in the batch hit no cached block"
+    assert_blocks_free(llm)
+
+    # Extensions: prompt + the first 16 generated tokens of a finished request.
+    ext_cases, ext_refs = [], {}
+    for c in cases:
+        r = refs[c.label]
+        if c.label.endswith("-again") and len(r.token_ids) == MAX_TOKENS and EOS_ID not in r.token_ids:
+            label = c.label + "-ext"
+            ext_cases.append(Case(label, c.ids + list(r.token_ids[:16]), _params(max_tokens=MAX_TOKENS - 16)))
+            ext_refs[label] = r.token_ids[16:]
+    assert ext_cases
+    ext = llm.generate([c.ids for c in ext_cases], [c.params for c in ext_cases])
+    problems = []
+    for c, o in zip(ext_cases, ext):
+        got, want = list(o.outputs[0].token_ids), list(ext_refs[c.label])
+        if got != want:
+            i = next((j for j, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got)))
+            if i < min(len(got), len(want)) and _is_tie(ref_llm, c.ids, want[:i], want[i], got[i])[0]:
+                continue
+            problems.append(f"[{c.label}] {got} != {want}")
+    assert not problems, "continuations over cached generated blocks differ:\n" + "\n".join(problems)
+    prompt_lens = {c.label + "-ext": len(c.ids) for c in cases}
+    assert any(o.num_cached_tokens > prompt_lens[c.label] for c, o in zip(ext_cases, ext)), (
+        "no extension hit a cached block holding generated tokens")
+    rec.check_metrics()
+    assert rec.drafted > 0
+    if method == "ngram_auto":
+        hist = llm.engine.speculator.stats.k_histogram
+        assert set(hist) <= set(range(0, 7)), hist
+
+
+@pytest.mark.parametrize("method", CORE)
+def test_greedy_under_preemption(spec_llm, ref_llm, workload, method, monkeypatch):
+    """The 16 grounded prompts at once on a pool far too small for them: requests are preempted
+    and recomputed (drafts and all), and every output is still the reference."""
+    llm = spec_llm(method, num_gpu_blocks=40, max_model_len=384)
+    rec = Recorder(llm, monkeypatch)
+    before = llm.engine.scheduler.num_preemptions
+    cases = workload["grounded"]
+    outs = llm.generate([c.ids for c in cases], [c.params for c in cases])
+    assert llm.engine.scheduler.num_preemptions > before, "the small pool caused no preemption"
+    check_all(ref_llm, cases, workload["refs"], outs, f"{method}, under preemption")
+    rec.check_metrics()
+    assert_blocks_free(llm)
+    if method == "draft_self":
+        # The draft's own KV lives in the request's blocks: after a preemption the request has new
+        # blocks, so the draft must recompute its prefix too, or it drafts from garbage.
+        assert rec.acceptance > 0.9, (
+            f"draft model = target, acceptance {rec.acceptance:.2f} under preemption (1.0 without): "
+            f"stale draft KV after preemption")
+
+
+# ---------------- an oracle proposer: runs land where the test wants ----------------
+class OracleProposer:
+    """Drafts the known continuation of each prompt; with `corrupt` > 0, each draft token is
+    replaced by a wrong one with that probability (seeded), so runs are cut short."""
+
+    def __init__(self, continuations: dict[tuple, list[int]], vocab: int, corrupt: float = 0.0, seed: int = 0):
+        self.continuations = continuations
+        self.vocab = vocab
+        self.corrupt = corrupt
+        self.rng = random.Random(seed)
+
+    def propose(self, requests, k: int) -> list[list[int]]:
+        out = []
+        for r in requests:
+            cont = self.continuations.get(tuple(r.prompt_token_ids))
+            n = r.num_output_tokens
+            if cont is None or list(r.output_token_ids) != cont[:n]:
+                out.append([])
+                continue
+            d = list(cont[n:n + k])
+            for j in range(len(d)):
+                if self.rng.random() < self.corrupt:
+                    d[j] = (d[j] + 1 + self.rng.randrange(self.vocab - 1)) % self.vocab
+            out.append(d)
+        return out
+
+
+def _unstopped(p: SamplingParams) -> SamplingParams:
+    """The same sampling, run past every stop: the oracle's continuation."""
+    return dataclasses.replace(p, stop=None, include_stop_str_in_output=False, ignore_eos=True,
+                               max_tokens=40, min_tokens=0, logprobs=None)
+
+
+@pytest.fixture(scope="module")
+def oracle_workload(ref_llm, workload):
+    cases = workload["grounded"]
+    conts = ref_llm.generate([c.ids for c in cases], [_unstopped(c.params) for c in cases])
+    return {tuple(c.ids): list(o.outputs[0].token_ids) for c, o in zip(cases, conts)}
+
+
+@pytest.mark.parametrize("corrupt", [0.0, 0.3], ids=["perfect", "corrupted"])
+def test_oracle_drafts_stop_eos_max_tokens_logprobs_penalties(spec_llm, ref_llm, workload, oracle_workload,
+                                                                corrupt, monkeypatch):
+    """With drafts that are the continuation itself, stop strings and EOS land inside accepted runs
+    (the accepted drafts after them are dropped), max_tokens ends exactly, logprobs, penalties and
+    min_tokens (its EOS draft must be rejected) are as without speculation. Corrupted drafts cut
+    runs short at random places: rejected drafts are rolled back and the output is unchanged."""
+    llm = spec_llm("ngram")
+    vocab = llm.engine.model_config.vocab_size
+    monkeypatch.setattr(llm.engine.speculator, "proposer", OracleProposer(oracle_workload, vocab, corrupt, seed=1))
+    rec = Recorder(llm, monkeypatch)
+    cases = workload["grounded"]
+    outs = llm.generate([c.ids for c in cases], [c.params for c in cases])
+    check_all(ref_llm, cases, workload["refs"], outs, f"oracle drafts ({'corrupted' if corrupt else 'perfect'})")
+    rec.check_metrics()
+    assert_blocks_free(llm)
+    by_id = {r.request_id: r for r in rec.requests}
+    cut = rec.cut_runs()
+    if corrupt == 0.0:
+        assert rec.acceptance > 0.9, f"perfect drafts, acceptance {rec.acceptance:.2f}"
+        stopped_inside = [rid for rid, (n, a, kept) in cut.items()
+                          if by_id[rid].finish_reason == "stop" and kept <= a]
+        assert len(stopped_inside) >= 3, (
+            f"stop strings / EOS landed inside an accepted run for only {stopped_inside}: {cut}")
+        for c, o in zip(cases, outs):
+            comp = o.outputs[0]
+            if c.params.min_tokens:
+                assert len(comp.token_ids) >= c.params.min_tokens
+                assert EOS_ID not in comp.token_ids[:c.params.min_tokens - 1]
+            if comp.finish_reason == "length" and c.params.max_tokens < MAX_TOKENS:
+                assert len(comp.token_ids) == c.params.max_tokens
+    else:
+        assert 0.1 < rec.acceptance < 0.95, f"corrupted drafts, acceptance {rec.acceptance:.2f}"
+
+
+def test_stats_count_drafts_but_stop_discards_them(spec_llm, ref_llm, workload, oracle_workload, monkeypatch):
+    """num_accepted counts verified drafts equal to the target's tokens, and a finished request's
+    output never holds more than what was accepted plus one bonus token per step."""
+    llm = spec_llm("ngram")
+    vocab = llm.engine.model_config.vocab_size
+    monkeypatch.setattr(llm.engine.speculator, "proposer", OracleProposer(oracle_workload, vocab))
+    rec = Recorder(llm, monkeypatch)
+    cases = [c for c in workload["grounded"] if c.params.stop]
+    llm.generate([c.ids for c in cases], [c.params for c in cases])
+    rec.check_metrics()
+    for req in rec.requests:
+        steps = [s for s in rec.steps if s[0] is req]
+        # one token per prefill-finishing step (no drafts) plus accepted + 1 per verification at most
+        assert req.num_output_tokens <= sum(a + 1 for _, _, _, a in steps) + 1
+
+
+# ---------------- seeded sampling ----------------
+def test_seeded_sampling_reproducible_with_speculation(spec_llm):
+    """A seeded request's output does not depend on what the engine ran before (the sampler's
+    promise). With Token Recycling the drafts depend on a table every request updates, so if the
+    sampler's random stream advanced per verified row, the same seeded request would change."""
+    llm = spec_llm("recycle")
+    p = SamplingParams(temperature=0.8, seed=123, max_tokens=MAX_TOKENS)
+    prompt = "Ten tips for learning a new language:\n1."
+    first = llm.generate(prompt, p).outputs[0].token_ids
+    llm.generate(["The history of computing is", "def quicksort(arr):"], SamplingParams(temperature=0.0, max_tokens=16))
+    again = llm.generate(prompt, p).outputs[0].token_ids
+    assert first == again, "a seeded request gave different tokens the second time (speculation changed its random stream)"
+
+
+# ---------------- goodput-chosen K ----------------
+def test_choose_k_memory_bound_takes_max_compute_bound_takes_zero():
+    flat, linear = StepTimeModel(), StepTimeModel()
+    for n in range(1, 600):
+        flat.observe(n, 0.05)  # extra tokens are free
+        linear.observe(n, 0.002 * n)  # every token costs its full share
+    assert choose_k([0.3] * 32, [6] * 32, 32, 6, flat) == 6
+    assert choose_k([0.3] * 32, [6] * 32, 32, 6, linear) == 0, "heavy compute-bound load must fall back to K=0"
+    assert choose_k([0.5], [6], 1, 6, StepTimeModel()) == 6, "nothing measured: try the full length"
+    assert choose_k([0.9] * 4, [2, 0, 1, 2], 4, 6, flat) == 2, "K beyond what any request offers is useless"
+    assert expected_tokens(0.5, 0) == 1 and expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_step_time_model_interpolates():
+    m = StepTimeModel(smoothing=1.0)
+    m.observe(10, 1.0)
+    m.observe(100, 10.0)
+    assert m.predict(m.bucket(10)) == 1.0 and m.predict(m.bucket(100)) == 10.0
+    mid = m.predict(40)
+    assert 1.0 < mid < 10.0
+
+
+def test_accepted_prefix():
+    assert accepted_prefix([], [5]) == 0
+    assert accepted_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert accepted_prefix([1, 9, 3], [1, 2, 3, 4]) == 1
+    assert accepted_prefix([7], [1, 2]) == 0
+
+
+# ---------------- command line ----------------
+def test_cli_generate_and_bench_with_speculative_config(ref_llm, spec_llm, monkeypatch, tmp_path):
+    """`--speculative-config` reaches LLM(...) in generate and bench throughput; the benchmark
+    prints and saves the speculation stats; a bad config is a one-line error (exit 2)."""
+    from kvflow.bench import throughput
+    from kvflow.entrypoints import cli
+
+    seen = {}
+
+    def fake_llm(model, dtype="float32", device="cpu", seed=0, speculative_config=None, **options):
+        seen["spec"] = speculative_config
+        return spec_llm("ngram") if speculative_config else ref_llm
+
+    import kvflow.llm
+    monkeypatch.setattr(kvflow.llm, "LLM", fake_llm)
+    spec = json.dumps(METHODS["ngram"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["generate", "--speculative-config", spec, "--temperature", "0", "--max-tokens", "8",
+                       "--json", "Repeat: one two three four. Repeat: one two"])
+    assert rc == 0 and json.loads(seen["spec"]) == METHODS["ngram"]
+    assert json.loads(out.getvalue().splitlines()[0])["token_ids"]
+
+    path = tmp_path / "bench.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["bench", "throughput", "--dataset", "random", "--num-prompts", "2", "--input-len", "16",
+                       "--output-len", "6", "--matmul-seconds", "0", "--no-warmup", "--disable-tqdm",
+                       "--speculative-config", spec, "--json", str(path)])
+    assert rc == 0
+    res = json.loads(path.read_text())
+    assert res["speculative_config"] == METHODS["ngram"]
+    assert {"draft_tokens", "accepted_tokens", "acceptance_rate", "mean_k", "k_histogram"} <= set(res["spec_decode"])
+    assert "acceptance" in out.getvalue().lower()
+
+    monkeypatch.undo()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["generate", "--speculative-config", "{bad json", "hello"])
+    assert rc == 2
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert len(lines) == 1 and "speculative" in lines[0], err.getvalue()
