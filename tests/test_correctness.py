@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine_helpers import (EOS_ID, LONG_TEXT, PARAGRAPHS, assert_all_blocks_free, expected_text,
-                            greedy_mismatch, hf_logprobs)
+                            greedy_mismatch, hf_greedy, hf_logprobs)
 from kvflow import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
@@ -99,6 +99,14 @@ def test_greedy_alone_matches_transformers(make_llm, hf_model, tokenizer, greedy
         outputs.append(llm.generate(case["prompt"], GREEDY))
         assert_all_blocks_free(llm)
     check_greedy(hf_model, tokenizer, bases, outputs, "alone")
+
+
+@pytest.mark.parametrize("label", ["chat", "emoji"])
+def test_references_equal_transformers_generate(hf_model, greedy_cases, label):
+    """The references are transformers' greedy continuations: checked here against generate()
+    itself for two prompts (one ends at EOS, one runs to max_tokens through multi-byte text)."""
+    case = next(c for c in greedy_cases if c["label"] == label)
+    assert hf_greedy(hf_model, case["prompt_ids"], GREEDY.max_tokens) == case["want"]
 
 
 def _small_pool(cases) -> int:

@@ -209,7 +209,7 @@ def test_long_prompt_is_chunked_while_decodes_keep_running(budget64, tokenizer, 
         engine.add_request(f"short{i}", prompt, params)
     while any(r.num_output_tokens == 0 for r in engine.scheduler.running + engine.scheduler.waiting):
         engine.step()
-    long_ids = tokenizer.encode(LONG_TEXT)
+    long_ids = tokenizer.encode("[chunking test] " + LONG_TEXT)  # not in the prefix cache yet
     engine.add_request("long", long_ids, SamplingParams(temperature=0.0, max_tokens=2))
     first = len(steps)
     outputs = []
@@ -253,7 +253,7 @@ def test_abort_frees_blocks(budget64, tokenizer):
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     engine.add_request("run1", "Tell me about the sea.", params)
     engine.add_request("run2", "Tell me about the mountains.", SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=50))
-    engine.add_request("wait", tokenizer.encode(LONG_TEXT), params)  # far more than one 64-token step
+    engine.add_request("wait", tokenizer.encode("[abort test] " + LONG_TEXT), params)  # far more than one 64-token step
     for _ in range(3):
         engine.step()
     assert pool.num_free_blocks < pool.num_blocks
@@ -315,3 +315,30 @@ def test_detokenizer_character_straddling_the_prompt_is_emitted(tokenizer):
         d, _ = _detok_text(tokenizer, ids[:cut], ids[cut:])
         assert before.rstrip("\ufffd") + d.text == full, (
             f"prompt cut after token {cut}: output text {d.text!r} loses the character completed by the output")
+
+
+# ---------------- paged attention: CPU decode kernel vs the plain-torch path ----------------
+def test_decode_kernel_equals_torch_path_next_to_longer_prefill(monkeypatch):
+    """Decodes that share a step with a prompt chunk of longer context: the decode group's block
+    table is then a column slice of the step's table. The C decode kernel and the plain-torch path
+    must give the same attention output."""
+    import torch
+
+    from kvflow.layers import attention, cpu_kernels
+    from kvflow.worker.model_runner import build_batch
+
+    Hq, Hk, D, BS, NB = 4, 2, 16, 4, 32
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(NB, BS, Hk, D, generator=gen), torch.randn(NB, BS, Hk, D, generator=gen)
+    # (token ids, start position, block ids): two decodes, then a 3-token chunk at position 20.
+    items = [([1], 5, [0, 1]), ([1], 6, [2, 3]), ([1, 1, 1], 20, list(range(4, 10)))]
+    batch = build_batch(items, BS, torch.device("cpu"))
+    T = 5
+    q, k, v = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hk, Hk))
+    if not cpu_kernels.can_run_decode(q, k_cache):
+        pytest.skip("the CPU decode kernel is not available here (no C compiler)")
+    with_kernel = attention.paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), batch.meta, D ** -0.5)
+    monkeypatch.setattr(cpu_kernels, "can_run_decode", lambda *a: False)
+    plain = attention.paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), batch.meta, D ** -0.5)
+    err = (with_kernel - plain).abs().amax(dim=(1, 2))
+    assert float(err.max()) < 1e-5, f"kernel vs torch, max error per token: {err.tolist()}"

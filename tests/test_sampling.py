@@ -136,6 +136,9 @@ def test_eos_stops_and_ignore_eos_continues(llm, short_answer):
     out = greedy(llm, ids, max_tokens=n + 4, ignore_eos=True)
     assert out.finish_reason == "length" and len(out.token_ids) == n + 4
     assert out.token_ids[:n] == answer  # EOS is generated, just not obeyed
+    # With ignore_eos, min_tokens has no EOS to hold back: the same tokens.
+    both = greedy(llm, ids, max_tokens=n + 4, min_tokens=n + 2, ignore_eos=True)
+    assert both.token_ids == out.token_ids and both.finish_reason == "length"
 
 
 def test_min_tokens_bans_eos_and_stop_tokens(llm, short_answer):

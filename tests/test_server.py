@@ -422,10 +422,12 @@ def _concurrent_cases(tokenizer):
         prompt = f"Note {i}: " + " ".join(base.split()[:n_words])
         max_tokens = 4 + i % 9
         chat = i % 5 == 4
-        if i % 4 == 1:
+        if i % 4 == 1:  # seeded sampling: its draws do not depend on the rest of the batch
             params = SamplingParams(n=2, temperature=0.8, seed=100 + i, max_tokens=max_tokens)
         elif i % 4 == 3:
             params = SamplingParams(n=2, temperature=0.0, max_tokens=max_tokens)
+        elif i % 6 == 0:
+            params = greedy(max_tokens, stop=[".", " the"])
         else:
             params = greedy(max_tokens)
         cases.append((prompt, chat, params))
@@ -443,6 +445,8 @@ def test_32_concurrent_streams_equal_offline(server, offline, aclient_factory):
     async def one(client, prompt, chat, p):
         kw = dict(model=MODEL, max_tokens=p.max_tokens, temperature=p.temperature, n=p.n, stream=True,
                   stream_options={"include_usage": True})
+        if p.stop:
+            kw["stop"] = p.stop
         if p.seed is not None:
             kw["seed"] = p.seed
         if chat:

@@ -50,7 +50,10 @@ class LLM:
         """Prompts: a string, a list of token ids, or a list of either. One RequestOutput per prompt,
         in order. In a list, a prompt that cannot run comes back with `error` set while the others
         finish; a single prompt that cannot run raises InvalidRequestError."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        if not isinstance(prompts, (str, list, tuple)):
+            raise InvalidRequestError(f"prompts must be a string, a list of token ids, or a list of those; "
+                                      f"got {type(prompts).__name__}")
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(batch)
         if len(params) != len(batch):

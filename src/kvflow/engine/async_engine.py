@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.errors import InvalidRequestError, KvflowError
 from kvflow.outputs import RequestOutput
@@ -180,6 +182,9 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._ids = itertools.count()
         self._num_steps = 0
+        # OpenMP's thread count is per thread: a new thread would not inherit torch.set_num_threads
+        # from the one that built the engine, so the engine thread sets it again.
+        self._torch_threads = torch.get_num_threads()
         self._publish_stats()
 
     # ---------------- lifecycle ----------------
@@ -279,6 +284,7 @@ class AsyncEngine:
     def _run(self) -> None:
         eng = self.engine
         try:
+            torch.set_num_threads(self._torch_threads)
             while True:
                 if not self._apply_commands(block=not eng.has_unfinished_requests()):
                     break

@@ -27,6 +27,8 @@ class IncrementalDetokenizer:
         """Append one token; returns the stop string if the text now contains one (text is cut there)."""
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        if not self.text:  # a prompt may end inside a multi-byte character: the output that completes it shows it
+            prefix = prefix.rstrip("\ufffd")
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return None  # nothing new, or an unfinished UTF-8 sequence: wait for more tokens

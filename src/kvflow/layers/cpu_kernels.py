@@ -73,7 +73,8 @@ def can_run_decode(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of one query token per request over its first ctx_lens[b] cached positions."""
-    q = q.contiguous()
+    q, block_tables, ctx_lens = q.contiguous(), block_tables.contiguous(), ctx_lens.contiguous()
+    assert block_tables.dtype == ctx_lens.dtype == torch.int64
     out = torch.empty_like(q)
     B, Hq, D = q.shape
     _, BS, Hk, _ = k_cache.shape

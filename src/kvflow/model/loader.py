@@ -52,22 +52,24 @@ def resolve_model(model: str) -> Path:
     return path
 
 
-def load_tokenizer(model: str):
-    """The tokenizer and EOS ids of a model name or path, without loading weights."""
+def _model_path(model: str) -> Path:
+    """A .gguf file, or a Hugging Face folder; a folder holding just one .gguf file means that file."""
     path = resolve_model(model)
     if path.is_dir():
         gguf_files = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(gguf_files) == 1:
             path = gguf_files[0]
+    return path
+
+
+def load_tokenizer(model: str):
+    """The tokenizer and EOS ids of a model name or path, without loading weights."""
+    path = _model_path(model)
     return _gguf_tokenizer(path, _open_gguf(path).fields) if path.is_file() else _hf_tokenizer(path)
 
 
 def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int | None = None) -> LoadedModel:
-    path = resolve_model(model)
-    if path.is_dir():
-        gguf_files = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(gguf_files) == 1:
-            path = gguf_files[0]
+    path = _model_path(model)
     if path.is_file():
         reader = _open_gguf(path)
         config, state = _read_gguf(reader, path)

@@ -57,7 +57,8 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
     groups = []
     if num_single:
         ctx = int(ctx_lens[:num_single].max())
-        decode = _group(torch.arange(num_single)[:, None], None, tables[:num_single, :(ctx + bs - 1) // bs],
+        # contiguous: the C decode kernel walks rows with the table's own width as the stride
+        decode = _group(torch.arange(num_single)[:, None], None, tables[:num_single, :(ctx + bs - 1) // bs].contiguous(),
                         positions[:num_single, None], bs, device)
         decode.ctx_lens = ctx_lens[:num_single].to(device)
         groups.append(decode)

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from kvflow.errors import InvalidRequestError
-from kvflow.outputs import CompletionOutput, TokenLogprob
+from kvflow.outputs import TokenLogprob
 from kvflow.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # choices per prompt (OpenAI's limit)
@@ -303,6 +303,3 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, TokenLogprob]], 
         })
     return {"content": content}
 
-
-def finish_reason(comp: CompletionOutput) -> str | None:
-    return comp.finish_reason

@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import uvicorn
@@ -41,7 +41,7 @@ from kvflow.entrypoints.openai import protocol as P
 from kvflow.entrypoints.openai.errors import (APIError, bad_request, error_body, from_exception,
                                               install_error_handlers, model_not_found, validation_message)
 from kvflow.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
-from kvflow.errors import KvflowError
+from kvflow.errors import ConfigError, KvflowError
 from kvflow.outputs import RequestOutput
 
 logger = logging.getLogger("kvflow.server")
@@ -56,15 +56,12 @@ class _ChoiceState:
     text_offset: int = 0
     first: bool = True
     done: bool = False
-    num_tokens: int = 0
 
 
 @dataclass
 class _Prompt:
     text: str | None
     ids: list[int]
-    cached: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _sse(obj: dict) -> str:
@@ -183,10 +180,9 @@ class OpenAIServer:
             for s in streams:
                 s.close()
 
-    def _usage(self, prompts: list[_Prompt], outs: list[RequestOutput | None], counts: int | None = None) -> dict:
+    def _usage(self, prompts: list[_Prompt], outs: list[RequestOutput | None]) -> dict:
         prompt_tokens = sum(len(p.ids) for p in prompts)
-        completion = counts if counts is not None else sum(
-            len(c.token_ids) for o in outs if o is not None for c in o.outputs)
+        completion = sum(len(c.token_ids) for o in outs if o is not None for c in o.outputs)
         cached = sum(o.num_cached_tokens for o in outs if o is not None)
         return P.usage(prompt_tokens, completion, cached)
 
@@ -601,6 +597,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default 2048, capped by the model)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV cache of shared prompt prefixes (default on)")
+    g.add_argument("--speculative-config", metavar="JSON", default=None,
+                   help="speculative decoding, as JSON (see `kvflow generate --help`); default off")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -630,8 +628,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         value = getattr(args, name, None)
         if value is not None:
             setattr(target, attr, value)
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, cache=cache,
-                        scheduler=sched)
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, cache=cache,
+                          scheduler=sched)
+    spec = getattr(args, "speculative_config", None)
+    if spec is not None:
+        if not hasattr(config, "speculative_config"):
+            raise ConfigError("this build of kvflow has no speculative decoding (--speculative-config)")
+        config.speculative_config = spec
+    return config
 
 
 class _Server(uvicorn.Server):
