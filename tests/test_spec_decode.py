@@ -686,3 +686,44 @@ def test_cli_generate_and_bench_with_speculative_config(ref_llm, spec_llm, monke
     assert rc == 2
     lines = [line for line in err.getvalue().splitlines() if line.strip()]
     assert len(lines) == 1 and "speculative" in lines[0], err.getvalue()
+
+
+def test_bench_spec_tiny(make_llm, monkeypatch, tmp_path):
+    """`kvflow bench spec` on a tiny configuration: every row is there, speculative rows produce
+    the no-speculation tokens, the JSON holds the speculation stats, and the engine is left
+    without a speculator."""
+    import kvflow.llm
+    from kvflow.entrypoints import cli
+
+    llm = make_llm(num_gpu_blocks=64, enable_prefix_caching=False)
+    monkeypatch.setattr(kvflow.llm, "LLM", lambda model, **kw: llm)
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps([
+        {"id": str(i), "conversations": [{"from": "human", "value": f"Tell me about topic {i}."},
+                                         {"from": "gpt", "value": PARAGRAPHS[i] + " " + PARAGRAPHS[i + 1]}]}
+        for i in range(3)]))
+    path = tmp_path / "spec.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["bench", "spec", "--dataset-path", str(data), "--workload", "grounded", "--workload", "chat",
+                       "--num-prompts", "1", "--batch-size", "2", "--output-len", "6", "--passage-tokens", "48",
+                       "--methods", "ngram", "--methods", 'k2={"method": "recycle", "num_speculative_tokens": 2}',
+                       "--batch-methods", "auto", "--no-hf-peer", "--json", str(path)])
+    assert rc == 0, out.getvalue()
+    res = json.loads(path.read_text())
+    for workload in ("grounded", "chat"):
+        w = res["workloads"][workload]
+        assert list(w["single"]) == ["no-spec", "ngram", "k2"] and list(w["batch"]) == ["no-spec", "auto"]
+        for table in (w["single"], w["batch"]):
+            assert table["no-spec"]["ratio"] == pytest.approx(1.0)
+            for name, row in table.items():
+                assert row["same_tokens"] == row["num_requests"], f"{workload}/{name}: speculation changed greedy tokens"
+                if name != "no-spec":
+                    assert {"acceptance_rate", "mean_k", "k_histogram"} <= set(row["spec"])
+    assert "vs no-spec" in out.getvalue()
+    assert llm.engine.speculator is None
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["bench", "spec", "--methods", "medusa", "--no-hf-peer"])
+    assert rc == 2 and "unknown method" in err.getvalue()

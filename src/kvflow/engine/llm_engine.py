@@ -247,8 +247,9 @@ class LLMEngine:
         outputs = []
         for c in parent.children:
             text = c.detokenizer.visible_text(c.is_finished)
+            logprobs = None if c.logprobs is None else list(c.logprobs)  # a snapshot: the engine keeps appending
             outputs.append(CompletionOutput(c.index, text, list(c.output_token_ids), c.cumulative_logprob,
-                                            c.logprobs, c.finish_reason, c.stop_reason))
+                                            logprobs, c.finish_reason, c.stop_reason))
         lead = parent.children[0]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
                              prompt_logprobs=lead.prompt_logprobs, num_cached_tokens=lead.num_cached_tokens,
