@@ -1,4 +1,4 @@
-"""Builds and loads the C kernels in csrc/ with the system C compiler (about a second, once per
+"""Builds and loads the C kernels in csrc/ (paged decode attention, small-batch matmul) with the system C compiler (about a second, once per
 machine; cached under ~/.cache/kvflow). The library links libgomp by soname, so it shares the
 OpenMP runtime torch already loaded. Without a compiler, or with KVFLOW_CPU_KERNELS=0, kvflow runs
 the plain-torch path: same results up to float rounding."""
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+GEMV_MAX_ROWS = 8  # csrc/gemv.c's MAX_M
 _lib: ctypes.CDLL | None = None
 _tried = False
 _LIMITS = (0, 0, 0)
@@ -26,23 +27,24 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None:
         logger.info("no C compiler: paged decode attention runs in plain torch")
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in _SOURCES)
     digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow")) / "kernels"
-    target = cache / f"paged_decode-{digest}.so"
+    target = cache / f"kvflow-kernels-{digest}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp), "-lm"]
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, _SOURCES), "-o", str(tmp), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            logger.warning("building the CPU attention kernel failed, using plain torch: %s", result.stderr[-500:])
+            logger.warning("building the CPU kernels failed, using plain torch: %s", result.stderr[-500:])
             return None
         os.replace(tmp, target)
     lib = ctypes.CDLL(str(target))
     args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float]
     for fn in (lib.paged_decode_f32, lib.paged_decode_bf16):
         fn.argtypes, fn.restype = args, None
+    lib.gemv_f32.argtypes, lib.gemv_f32.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3, None
     return lib
 
 
@@ -54,7 +56,7 @@ def kernels() -> ctypes.CDLL | None:
             try:
                 _lib = _build()
             except OSError as e:
-                logger.warning("cannot load the CPU attention kernel, using plain torch: %s", e)
+                logger.warning("cannot load the CPU kernels, using plain torch: %s", e)
             if _lib is not None:
                 g, d, bs = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
                 _lib.kvflow_kernel_limits(ctypes.byref(g), ctypes.byref(d), ctypes.byref(bs))
@@ -82,3 +84,17 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
        out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale)
     return out
+
+
+def can_run_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous() and kernels() is not None)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for a few rows of x: reads each weight row once, on every thread."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    _lib.gemv_f32(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
+                  y.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
+    return y
