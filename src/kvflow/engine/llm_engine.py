@@ -177,6 +177,7 @@ class LLMEngine:
             targets = out.token_ids[row:row + len(drafts) + 1]
             accepted = accepted_prefix(drafts, targets)
             req.num_computed_tokens -= len(drafts) - accepted  # rejected drafts' KV is not kept
+            req.draft_num_computed = min(req.draft_num_computed, req.num_computed_tokens)
             if self.speculator is not None:
                 self.speculator.record_verification(req, len(drafts), accepted)
             for j, token in enumerate(targets[:accepted + 1]):  # accepted drafts, then the target's own token

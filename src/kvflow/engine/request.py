@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from kvflow.outputs import Logprob, RequestMetrics
 from kvflow.sampling_params import SamplingParams
 
@@ -39,7 +37,6 @@ class Request:
     cumulative_logprob: float = 0.0
     logprobs: list[Logprob] | None = None
     prompt_logprobs: list[Logprob | None] | None = None
-    generator: torch.Generator | None = None
     metrics: RequestMetrics = field(init=False)
     # Speculative decoding: draft tokens to verify next step, and counters.
     spec_token_ids: list[int] = field(default_factory=list)
@@ -56,8 +53,11 @@ class Request:
             self.logprobs = []
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]  # the first prompt token has nothing before it
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+
+    @property
+    def seed(self) -> int | None:
+        """The n samples of a seeded request differ from each other, each reproducibly."""
+        return None if self.params.seed is None else self.params.seed + self.index
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -156,6 +156,7 @@ class Scheduler:
         self.pool.free(req)
         req.num_computed_tokens = 0
         req.spec_token_ids = []
+        req.draft_num_computed = 0  # a draft model's KV went with the blocks
         req.status = RequestStatus.WAITING
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1

@@ -2,8 +2,9 @@
 
 Order as in vLLM: penalties and logit_bias on the raw logits, then greedy rows take the argmax;
 the others divide by temperature, apply min_p / top_k / top_p, and draw by the exponential race
-(argmax of p / E, E ~ Exp(1)). A seeded request draws its noise from its own generator, so its
-output does not depend on what else is in the batch. Reported logprobs are those of the raw model
+(argmax of p / E, E ~ Exp(1)). A seeded request draws the noise of output position i from a
+generator seeded by (seed, i): its output depends neither on what else is in the batch nor on
+speculation, preemption or how many draws came before. Reported logprobs are those of the raw model
 distribution, as vLLM reports them.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ class SamplingRow:
     1 + K rows when K speculative tokens are verified; row i then sees the history extended by the
     first i draft tokens, so penalties and min_tokens act exactly as without speculation."""
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int | None
+    position: int  # which output token this row samples
     eos_token_ids: tuple[int, ...]
     all_token_ids: list[int]
     output_token_ids: list[int]
@@ -30,11 +32,12 @@ class SamplingRow:
 
     @classmethod
     def for_request(cls, req: Request, drafts: list[int] = ()) -> "SamplingRow":
+        position = req.num_output_tokens + len(drafts)
         if drafts and req.params.needs_penalties:
-            return cls(req.params, req.generator, req.eos_token_ids, req.all_token_ids + list(drafts),
-                       req.output_token_ids + list(drafts), req.num_output_tokens + len(drafts) < req.params.min_tokens)
-        return cls(req.params, req.generator, req.eos_token_ids, req.all_token_ids, req.output_token_ids,
-                   req.num_output_tokens + len(drafts) < req.params.min_tokens)
+            return cls(req.params, req.seed, position, req.eos_token_ids, req.all_token_ids + list(drafts),
+                       req.output_token_ids + list(drafts), position < req.params.min_tokens)
+        return cls(req.params, req.seed, position, req.eos_token_ids, req.all_token_ids, req.output_token_ids,
+                   position < req.params.min_tokens)
 
 
 @dataclass
@@ -126,10 +129,11 @@ def _random_sample(logits: torch.Tensor, requests: list[SamplingRow]) -> torch.T
         drop_sorted = before >= top_p * sorted_probs.sum(dim=-1, keepdim=True)
         probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
     noise = torch.empty_like(probs)
-    unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+    unseeded = [i for i, r in enumerate(requests) if r.seed is None]
     if unseeded:
         noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
     for i, r in enumerate(requests):
-        if r.generator is not None:  # a CPU generator: the same draws on any device
-            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(dev)
+        if r.seed is not None:  # a CPU generator: the same draws on any device
+            gen = torch.Generator().manual_seed(hash((r.seed, r.position)) & (2**63 - 1))
+            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=gen).to(dev)
     return (probs / noise).argmax(dim=-1)

@@ -12,7 +12,7 @@ import bisect
 
 class StepTimeModel:
     """Moving average of step time per token-count bucket, interpolated between measured buckets.
-    Beyond the largest measured bucket it extends the last measured slope (flat if none), which is
+    Outside them it extends the nearest measured slope (flat with one bucket); above, that is
     optimistic: an unmeasured size is tried once and then known."""
 
     def __init__(self, smoothing: float = 0.3):
@@ -39,8 +39,12 @@ class StepTimeModel:
         if b in self.times:
             return self.times[b]
         i = bisect.bisect_left(keys, b)
-        if i == 0:
-            return self.times[keys[0]]
+        if i == 0:  # below everything measured: extend the smallest slope down (never free)
+            if len(keys) < 2:
+                return self.times[keys[0]]
+            x0, x1 = keys[0], keys[1]
+            slope = max(0.0, (self.times[x1] - self.times[x0]) / (x1 - x0))
+            return max(0.1 * self.times[x0], self.times[x0] - slope * (x0 - b))
         if i == len(keys):
             if len(keys) < 2:
                 return self.times[keys[-1]]

@@ -127,8 +127,12 @@ def _build_draft(config: SpeculativeConfig, engine):
         return DraftProposer(runner.model, runner.kv_caches, config.layer_skip, runner.block_size,
                              runner.device, shares_target_cache=True)
     dtype = parse_dtype(engine.config.dtype)
-    draft = load_model(config.draft_model, dtype, engine.config.device,
-                       max_positions=engine.config.scheduler.max_model_len)
+    max_len = engine.config.scheduler.max_model_len
+    draft = load_model(config.draft_model, dtype, engine.config.device, max_positions=max_len)
+    if draft.config.max_position_embeddings < max_len:
+        raise ConfigError(f"draft model {config.draft_model!r} has a context of {draft.config.max_position_embeddings} "
+                          f"tokens, below max_model_len {max_len}: pass max_model_len <= "
+                          f"{draft.config.max_position_embeddings}")
     if draft.config.vocab_size != engine.model_config.vocab_size or draft.tokenizer.get_vocab() != engine.tokenizer.get_vocab():
         raise ConfigError(f"draft model {config.draft_model!r} has a different vocabulary "
                           f"({draft.config.vocab_size} tokens) from the target's ({engine.model_config.vocab_size}): "
