@@ -79,6 +79,9 @@ class Scheduler:
             spec = self._spec_tokens(req, n, budget)
             n += len(spec)
             while not self.reserve(req, req.num_computed_tokens + n):
+                if spec:  # drafts are a guess: drop them before preempting anyone
+                    n, spec = n - len(spec), []
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.num_preempted += 1
