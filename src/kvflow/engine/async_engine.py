@@ -66,6 +66,9 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_steps: int = 0  # engine steps run
+    spec_draft_tokens: int = 0  # speculative decoding: drafts sent to verification
+    spec_accepted_tokens: int = 0
+    spec_mean_k: float = 0.0  # mean speculation length chosen per proposal round
     time: float = 0.0
 
     @property
@@ -395,6 +398,7 @@ class AsyncEngine:
     def _publish_stats(self) -> None:
         eng = self.engine
         pool, sched = eng.block_pool, eng.scheduler
+        spec = eng.speculator.stats if eng.speculator is not None else None
         self.stats = EngineStats(
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_unfinished_requests=eng.get_num_unfinished_requests(),
@@ -403,7 +407,9 @@ class AsyncEngine:
             prefix_cache_hits=pool.stats.hits, num_preemptions=sched.num_preemptions,
             prompt_tokens_total=eng.num_prompt_tokens_total,
             generation_tokens_total=eng.num_generation_tokens_total,
-            num_steps=self._num_steps, time=time.time())
+            num_steps=self._num_steps,
+            spec_draft_tokens=spec.num_drafts if spec else 0, spec_accepted_tokens=spec.num_accepted if spec else 0,
+            spec_mean_k=spec.mean_k if spec else 0.0, time=time.time())
 
     def _call_soon(self, fn, *args) -> None:
         try:

@@ -40,6 +40,9 @@ class _EngineCollector:
             ("kvflow:kv_cache_total_blocks", "KV-cache blocks in the pool", s.num_blocks),
             ("kvflow:kv_cache_cached_blocks", "Blocks holding a prefix-cache entry (in use or free)", s.num_cached_blocks),
             ("kvflow:prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up", s.prefix_cache_hit_rate),
+            ("kvflow:spec_decode_acceptance_rate", "Accepted / drafted speculative tokens",
+             s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0),
+            ("kvflow:spec_decode_mean_k", "Mean speculation length chosen per proposal round", s.spec_mean_k),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
@@ -50,6 +53,8 @@ class _EngineCollector:
             ("kvflow:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache_queries),
             ("kvflow:prefix_cache_hits", "Prompt tokens served from the prefix cache", s.prefix_cache_hits),
             ("kvflow:engine_steps", "Engine steps (forward passes) run", s.num_steps),
+            ("kvflow:spec_decode_draft_tokens", "Speculative tokens sent to verification", s.spec_draft_tokens),
+            ("kvflow:spec_decode_accepted_tokens", "Speculative tokens accepted", s.spec_accepted_tokens),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
