@@ -7,7 +7,7 @@ stay cached in an LRU free queue until a new allocation evicts them.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvflow.engine.request import Request
 

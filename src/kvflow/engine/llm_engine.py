@@ -12,7 +12,7 @@ import torch
 from kvflow.config import EngineConfig, parse_dtype
 from kvflow.engine.detokenizer import IncrementalDetokenizer
 from kvflow.engine.kv_cache import BlockPool
-from kvflow.engine.request import Request, RequestStatus
+from kvflow.engine.request import Request
 from kvflow.engine.scheduler import Scheduler
 from kvflow.errors import InvalidRequestError
 from kvflow.model.loader import load_model
