@@ -185,6 +185,7 @@ class _ScriptedEngine:
         self.scheduler = NS(running=[], waiting=[], num_preemptions=0)
         self.block_pool = NS(num_blocks=8, num_free_blocks=8, cached={}, stats=NS(queries=0, hits=0))
         self.num_prompt_tokens_total = self.num_generation_tokens_total = 0
+        self.speculator = None  # LLMEngine without speculative decoding
         self.fail_next_step = False
 
     def add_request(self, rid, prompt, params, arrival_time=None, priority=0):

@@ -118,6 +118,7 @@ def _build_draft(config: SpeculativeConfig, engine):
     from kvflow.config import parse_dtype
     from kvflow.model.loader import load_model
     from kvflow.spec_decode.draft import DraftProposer
+    from kvflow.worker.model_runner import allocate_kv_caches
 
     runner = engine.runner
     if config.layer_skip is not None:
@@ -137,8 +138,7 @@ def _build_draft(config: SpeculativeConfig, engine):
         raise ConfigError(f"draft model {config.draft_model!r} has a different vocabulary "
                           f"({draft.config.vocab_size} tokens) from the target's ({engine.model_config.vocab_size}): "
                           f"a draft must share the target's tokenizer")
-    num_blocks = engine.block_pool.num_blocks
-    shape = (2, num_blocks, runner.block_size, draft.config.num_kv_heads, draft.config.head_dim)
-    caches = [torch.zeros(shape, dtype=dtype, device=runner.device) for _ in range(draft.config.num_layers)]
+    # Same block ids as the target's pool: the draft's KV follows the target's block tables.
+    caches = allocate_kv_caches(draft.config, engine.block_pool.num_blocks, runner.block_size, dtype, runner.device)
     return DraftProposer(draft.model, caches, draft.config.num_layers, runner.block_size, runner.device,
                          shares_target_cache=False)

@@ -81,15 +81,20 @@ def _group(index, valid, tables, q_positions, block_size: int, device) -> Attent
                           mask[:, None].to(device))
 
 
+def allocate_kv_caches(model_cfg, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[torch.Tensor]:
+    """One [2 (k, v), num_blocks, block_size, kv_heads, head_dim] tensor per layer."""
+    shape = (2, num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_cfg.num_layers)]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig, num_blocks: int,
                  dtype: torch.dtype, device: torch.device):
         self.model = model
         self.device = device
         self.block_size = cache_config.block_size
-        cfg = model.config
-        shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.kv_caches = allocate_kv_caches(model.config, num_blocks, self.block_size, dtype, device)
 
     @staticmethod
     def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:

@@ -71,6 +71,12 @@ def _sse(obj: dict) -> str:
 _DONE = "data: [DONE]\n\n"
 
 
+def _sse_error(e: Exception) -> str:
+    """A failure after the stream started: headers are sent, so the error travels as an event."""
+    err = from_exception(e)
+    return _sse(error_body(err.message, err.type, err.param, err.code))
+
+
 class OpenAIServer:
     """Request handling, independent of the HTTP framework's routing."""
 
@@ -282,8 +288,7 @@ class OpenAIServer:
                 yield _sse({**base, "choices": [], "usage": self._usage(prompts, latest)})
             yield _DONE
         except (KvflowError, APIError) as e:
-            err = from_exception(e)
-            yield _sse(error_body(err.message, err.type, err.param, err.code))
+            yield _sse_error(e)
             yield _DONE
         finally:
             for s in streams:
@@ -361,8 +366,7 @@ class OpenAIServer:
                 yield _sse({**base, "choices": [], "usage": self._usage(prompts, [latest])})
             yield _DONE
         except (KvflowError, APIError) as e:
-            err = from_exception(e)
-            yield _sse(error_body(err.message, err.type, err.param, err.code))
+            yield _sse_error(e)
             yield _DONE
         finally:
             stream.close()
