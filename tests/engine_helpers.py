@@ -2,6 +2,7 @@
 transformers reference, the greedy comparison and the "every KV block is free" check."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -177,13 +178,14 @@ def assert_all_blocks_free(llm) -> None:
 
 
 def merge_outputs(outputs) -> dict:
-    """The engine's delta outputs merged per request, as LLM.generate returns them."""
+    """The engine's delta outputs merged per request, as LLM.generate returns them (`add` merges
+    in place, so the first delta of each is copied: the list stays as it was)."""
     merged = {}
     for o in outputs:
         if o.request_id in merged:
             merged[o.request_id].add(o)
         else:
-            merged[o.request_id] = o
+            merged[o.request_id] = copy.deepcopy(o)
     return merged
 
 

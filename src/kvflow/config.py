@@ -1,7 +1,7 @@
 """Engine configuration. Field names follow vLLM where the concept is the same."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -47,39 +47,59 @@ class ModelConfig:
         return self.num_layers * (attn + mlp) + h * self.vocab_size
 
 
+def _opt(default, help: str, **meta):
+    """An engine option: its help text (and choices) travel with the field, so the CLI, the
+    server and LLM(**options) all read one definition (see entrypoints/args.py)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class CacheConfig:
-    block_size: int = 16
-    # Memory for the KV pool; num_gpu_blocks overrides it when set (tests use tiny pools).
-    kv_cache_memory_gb: float = 1.0
-    num_blocks: int | None = None
-    enable_prefix_caching: bool = True
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    kv_cache_memory_gb: float = _opt(1.0, "memory for the KV cache, GiB")
+    num_gpu_blocks: int | None = _opt(None, "KV-cache blocks (overrides --kv-cache-memory-gb; tests use tiny pools)",
+                                      type=int)
+    enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of shared prompt prefixes")
 
 
 @dataclass
 class SchedulerConfig:
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    max_model_len: int = 2048
+    max_num_batched_tokens: int = _opt(512, "token budget of one engine step")
+    max_num_seqs: int = _opt(64, "most sequences in one step")
+    max_model_len: int = _opt(2048, "longest prompt + output in tokens (capped by the model's context)")
 
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2-135m"
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
+    model: str = _opt("smollm2-135m", "bundled model name, .gguf file or Hugging Face folder")
+    dtype: str = _opt("float32", "compute dtype", choices=sorted(_DTYPES))
+    device: str = _opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
+    seed: int = _opt(0, "engine random seed")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    speculative_config: object = None  # SpeculativeConfig | dict | JSON string
+    speculative_config: object = _opt(None, 'speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                                            '"num_speculative_tokens": 4}\' (methods ngram, recycle, draft; '
+                                            'K an integer or "auto")', type=str, metavar="JSON")
+
+    @classmethod
+    def from_options(cls, **options) -> EngineConfig:
+        """Build from flat option names (LLM's keywords, the CLI's flags: vLLM's names)."""
+        config = cls()
+        owners = {name: owner for owner in (config, config.cache, config.scheduler)
+                  for name in (f.name for f in fields(owner)) if name not in ("cache", "scheduler")}
+        for name, value in options.items():
+            if name not in owners:
+                raise ConfigError(f"unknown option {name!r}; known options: {', '.join(sorted(owners))}")
+            setattr(owners[name], name, value)
+        return config
 
     def validate(self) -> None:
         parse_dtype(self.dtype)
         c, s = self.cache, self.scheduler
         if c.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {c.block_size}")
-        if c.num_blocks is not None and c.num_blocks < 2:
-            raise ConfigError(f"num_gpu_blocks must be >= 2, got {c.num_blocks}")
+        if c.num_gpu_blocks is not None and c.num_gpu_blocks < 2:
+            raise ConfigError(f"num_gpu_blocks must be >= 2, got {c.num_gpu_blocks}")
         if c.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be > 0, got {c.kv_cache_memory_gb}")
         if s.max_num_batched_tokens < 1:
@@ -88,3 +108,9 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {s.max_num_seqs}")
         if s.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {s.max_model_len}")
+
+
+def option_fields() -> list:
+    """Every engine option's dataclass field, in the order the help lists them."""
+    skip = ("cache", "scheduler")
+    return [f for cls in (EngineConfig, CacheConfig, SchedulerConfig) for f in fields(cls) if f.name not in skip]

@@ -188,9 +188,8 @@ class LLMEngine:
             raise InvalidRequestError(f"no unfinished request {request_id!r}")
         states, kv = [], []
         for child in parent.children:
-            computed = self.block_pool.blocks_needed(child.num_computed_tokens)
-            running = child.status == RequestStatus.RUNNING and computed > 0
-            kv.append(self.runner.read_kv(child.block_ids[:computed]) if running else None)
+            running = child.status == RequestStatus.RUNNING and child.num_computed_tokens > 0
+            kv.append(self.runner.read_kv(child.block_ids, child.num_computed_tokens) if running else None)
             states.append(child.export_state())
             if not child.is_finished:
                 self.scheduler.finish(child, "migrated")

@@ -107,8 +107,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
 
     def _num_blocks(self, config: EngineConfig) -> int:
-        if config.cache.num_blocks is not None:
-            return config.cache.num_blocks
+        if config.cache.num_gpu_blocks is not None:
+            return config.cache.num_gpu_blocks
         per_block = bytes_per_block(self.model_config, self.block_size, self.dtype)
         return max(2, int(config.cache.kv_cache_memory_gb * (1 << 30)) // per_block)
 
@@ -173,15 +173,21 @@ class ModelRunner:
         return out
 
     # ---- KV hand-over (live migration, prefill/decode split) ----
-    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """The KV contents of these blocks, [layers, 2, len(block_ids), block_size, kv_heads, head_dim], on CPU."""
+    def read_kv(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
+        """The KV of a request's first `num_tokens` positions, [layers, 2, num_tokens, kv_heads,
+        head_dim] on CPU: per token, so the receiving instance may use another block size."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return torch.stack([cache[:, index] for cache in self.kv_caches]).cpu()
+        per_layer = [cache[:, index].flatten(1, 2)[:, :num_tokens] for cache in self.kv_caches]
+        return torch.stack(per_layer).cpu()
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write read_kv's output into these blocks (enough of them for its tokens)."""
+        num_tokens = data.shape[2]
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for cache, layer in zip(self.kv_caches, data):
-            cache[:, index] = layer.to(device=self.device, dtype=cache.dtype)
+            flat = cache[:, index].flatten(1, 2)
+            flat[:, :num_tokens] = layer.to(device=self.device, dtype=cache.dtype)
+            cache[:, index] = flat.view(2, len(block_ids), self.block_size, *flat.shape[2:])
 
 
 def _sampling_row(req: Request, drafts: list[int]) -> SamplingRow:
