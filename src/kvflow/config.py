@@ -7,6 +7,8 @@ import torch
 
 from kvflow.errors import ConfigError
 
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # kept equal to layers.attention's
+LOAD_FORMATS = ("auto", "dummy")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,9 +74,16 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: object = None  # SpeculativeConfig | dict | JSON string
+    attention_backend: str = "auto"  # "auto" | "torch" | "cpu" | "triton" (layers/attention.py)
+    load_format: str = "auto"  # "auto": weights from the files; "dummy": random weights from config.json
 
     def validate(self) -> None:
         parse_dtype(self.dtype)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                              f"got {self.attention_backend!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         c, s = self.cache, self.scheduler
         if c.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {c.block_size}")

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 _CACHE_OPTIONS = {"block_size": "block_size", "kv_cache_memory_gb": "kv_cache_memory_gb",
                   "num_gpu_blocks": "num_blocks", "enable_prefix_caching": "enable_prefix_caching"}
 _SCHEDULER_OPTIONS = {f.name for f in fields(SchedulerConfig)}
+_ENGINE_OPTIONS = ("attention_backend", "load_format")  # EngineConfig fields passed through as they are
 
 
 class LLM:
@@ -30,16 +31,18 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu",
                  seed: int = 0, speculative_config: dict | str | None = None, **options):
         cache, sched = CacheConfig(), SchedulerConfig()
+        engine_options = {k: options.pop(k) for k in _ENGINE_OPTIONS if k in options}
         for key, value in options.items():
             if key in _CACHE_OPTIONS:
                 setattr(cache, _CACHE_OPTIONS[key], value)
             elif key in _SCHEDULER_OPTIONS:
                 setattr(sched, key, value)
             else:
-                known = sorted([*_CACHE_OPTIONS, *_SCHEDULER_OPTIONS])
+                known = sorted([*_CACHE_OPTIONS, *_SCHEDULER_OPTIONS, *_ENGINE_OPTIONS])
                 raise ConfigError(f"unknown option {key!r}; known options: {', '.join(known)}")
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed,
-                                             cache=cache, scheduler=sched, speculative_config=speculative_config))
+                                             cache=cache, scheduler=sched, speculative_config=speculative_config,
+                                             **engine_options))
         self._next_id = 0
 
     def get_tokenizer(self):

@@ -46,7 +46,8 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         dtype = parse_dtype(config.dtype)
         self.device = torch.device(config.device)
-        loaded = load_model(config.model, dtype, config.device, max_positions=config.scheduler.max_model_len)
+        loaded = load_model(config.model, dtype, config.device, max_positions=config.scheduler.max_model_len,
+                            **({"load_format": config.load_format} if config.load_format != "auto" else {}))
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
@@ -62,6 +63,7 @@ class LLMEngine:
         self.block_pool = BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.block_pool)
         self.runner = ModelRunner(loaded.model, config.cache, num_blocks, dtype, self.device)
+        self.runner.attention_backend = config.attention_backend
         spec = SpeculativeConfig.parse(config.speculative_config)
         self.speculator = Speculator(spec, self) if spec is not None and spec.max_tokens > 0 else None
         self.parents: dict[str, _Parent] = {}

@@ -68,7 +68,11 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
         valid = offs < m_lens[:, None]
         index = torch.where(valid, m_first[:, None] + offs, m_first[:, None])  # pad with the chunk's first token
         ctx = int(ctx_lens[num_single:].max())
-        groups.append(_group(index, valid, tables[num_single:, :(ctx + bs - 1) // bs], positions[index], bs, device))
+        chunk = _group(index, valid, tables[num_single:, :(ctx + bs - 1) // bs], positions[index], bs, device)
+        # varlen layout for kernels that take the chunks back to back (the triton backend)
+        chunk.query_start_loc = torch.cat([m_first, m_first[-1:] + m_lens[-1:]]).to(device)
+        chunk.seq_lens, chunk.max_query_len = ctx_lens[num_single:].to(device), int(m_lens.max())
+        groups.append(chunk)
     all_ids = [t for ids, _, _ in items for t in ids]
     return Batch(torch.tensor(all_ids, dtype=torch.long, device=device), positions.to(device),
                  AttentionMetadata(slot_mapping.to(device), groups), first_token + lens_t - 1)
@@ -95,6 +99,7 @@ class ModelRunner:
         self.device = device
         self.block_size = cache_config.block_size
         self.kv_caches = allocate_kv_caches(model.config, num_blocks, self.block_size, dtype, device)
+        self.attention_backend: str | None = None  # None: layers.attention's process default
 
     @staticmethod
     def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -105,6 +110,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens > 1)  # single tokens first (stable)
         batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device)
+        batch.meta.backend = self.attention_backend
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
         sampled = [s for s in items if s.samples]

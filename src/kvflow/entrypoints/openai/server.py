@@ -603,6 +603,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="reuse the KV cache of shared prompt prefixes (default on)")
     g.add_argument("--speculative-config", metavar="JSON", default=None,
                    help="speculative decoding, as JSON (see `kvflow generate --help`); default off")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                   help="attention kernels: auto = C kernels on CPU, Triton on CUDA (env KVFLOW_ATTENTION_BACKEND)")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from the model folder's config.json (benchmarks without weights)")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -634,6 +638,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             setattr(target, attr, value)
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, cache=cache,
                           scheduler=sched)
+    config.attention_backend = getattr(args, "attention_backend", "auto")
+    config.load_format = getattr(args, "load_format", "auto")
     spec = getattr(args, "speculative_config", None)
     if spec is not None:
         if not hasattr(config, "speculative_config"):
