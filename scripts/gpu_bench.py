@@ -68,11 +68,12 @@ def random_prompts(n: int, length: int, seed: int) -> list[list[int]]:
 def cmd_env(args) -> dict:
     res = {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
            "cuda_available": torch.cuda.is_available()}
-    for pkg in ("triton", "transformers", "tokenizers", "safetensors", "gguf", "numpy", "jinja2", "tqdm"):
+    from importlib.metadata import PackageNotFoundError, version
+    for pkg in ("triton", "transformers", "tokenizers", "safetensors", "gguf", "numpy", "jinja2", "tqdm", "pytest"):
         try:
-            res[pkg] = __import__(pkg).__version__
-        except Exception as e:  # a missing package is what this stage is here to report
-            res[pkg] = f"missing ({type(e).__name__})"
+            res[pkg] = version(pkg)
+        except PackageNotFoundError:  # a missing package is what this stage is here to report
+            res[pkg] = "missing"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         res.update(gpu=p.name, gpu_memory_gb=p.total_memory / 2**30, sms=p.multi_processor_count)

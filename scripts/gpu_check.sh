@@ -63,7 +63,7 @@ bench decode1 50
 bench batch 60
 bench prefill 40
 bench hf 75
-bench summarize 10
+stage summarize 10 "$PY" scripts/gpu_bench.py summarize --out "$OUT/summary.json"
 echo "== done in $(( $(date +%s) - T0 )) s; stages:"
 cat "$OUT/stages.jsonl"
 [ -f "$OUT/summary.json" ] && cat "$OUT/summary.json"

@@ -80,9 +80,10 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
 
 def _group(index, valid, tables, q_positions, block_size: int, device) -> AttentionGroup:
     num_keys = tables.shape[1] * block_size
-    mask = torch.arange(num_keys)[None, None, :] <= q_positions[:, :, None]  # causal; also hides padding keys
+    # built on the device: an 8k-token chunk's mask is 64 MB, not worth building on the host and copying
+    mask = torch.arange(num_keys, device=device)[None, None, :] <= q_positions.to(device)[:, :, None]  # causal; also hides padding keys
     return AttentionGroup(index.to(device), None if valid is None else valid.to(device), tables.to(device),
-                          mask[:, None].to(device))
+                          mask[:, None])
 
 
 def allocate_kv_caches(model_cfg, num_blocks: int, block_size: int, dtype: torch.dtype,
