@@ -39,9 +39,9 @@ def _shared_weights():
     real_load = llm_engine.load_model
     cache: dict = {}
 
-    def load_once(model, dtype, device, max_positions=None):
-        if model != MODEL:
-            return real_load(model, dtype, device, max_positions=max_positions)
+    def load_once(model, dtype, device, max_positions=None, **kw):
+        if model != MODEL or kw.get("load_format", "auto") != "auto":
+            return real_load(model, dtype, device, max_positions=max_positions, **kw)
         key = (model, dtype, str(device))
         loaded = cache.get(key)
         # A copy loaded for longer contexts serves shorter ones (the engine clamps max_model_len).

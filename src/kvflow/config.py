@@ -7,6 +7,9 @@ import torch
 
 from kvflow.errors import ConfigError
 
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # kept equal to layers.attention's
+LOAD_FORMATS = ("auto", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,6 +83,12 @@ class EngineConfig:
     speculative_config: object = _opt(None, 'speculative decoding as JSON, e.g. \'{"method": "ngram", '
                                             '"num_speculative_tokens": 4}\' (methods ngram, recycle, draft; '
                                             'K an integer or "auto")', type=str, metavar="JSON")
+    attention_backend: str = _opt("auto", "attention kernels: auto = the C kernels on CPU, Triton on CUDA "
+                                          "(also the environment variable KVFLOW_ATTENTION_BACKEND)",
+                                  choices=list(ATTENTION_BACKENDS))
+    load_format: str = _opt("auto", "dummy: random weights from the model folder's config.json (benchmarks "
+                                    "without weights)", choices=["auto", "dummy"])
+    enforce_eager: bool = _opt(False, "never capture CUDA graphs (they replay decode-only steps on CUDA)")
 
     @classmethod
     def from_options(cls, **options) -> EngineConfig:
@@ -95,6 +104,16 @@ class EngineConfig:
 
     def validate(self) -> None:
         parse_dtype(self.dtype)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                              f"got {self.attention_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be one of auto, dummy; got {self.load_format!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                              f"got {self.attention_backend!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         c, s = self.cache, self.scheduler
         if c.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {c.block_size}")

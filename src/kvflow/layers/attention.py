@@ -4,15 +4,27 @@ Each layer writes the step's new keys and values straight into the paged cache t
 `slot_mapping`, then attends over the cache through block tables. The step's requests come in at
 most two groups: decodes (one query token each) and prompt chunks (padded to the longest chunk), so a
 layer makes at most two attention calls whatever the batch size: no loop over requests.
+
+Backends (`attention_backend`, or the environment variable KVFLOW_ATTENTION_BACKEND as vLLM does it):
+"torch" is the SDPA path below; "cpu" adds the C decode kernel where it applies (today's CPU default);
+"triton" runs layers/triton (compiled on a GPU, interpreted on CPU tensors); "auto" picks "cpu" on
+CPU and "triton" on CUDA. The process default is set by `set_attention_backend`; an engine's runner
+may override it per batch through `AttentionMetadata.backend`.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from kvflow.config import ATTENTION_BACKENDS
+from kvflow.errors import ConfigError
 from kvflow.layers import cpu_kernels
+
 
 
 @dataclass
@@ -22,12 +34,49 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [B, max_blocks]
     mask: torch.Tensor  # [B, 1, Q, L] bool, True where the query may attend the key
     ctx_lens: torch.Tensor | None = None  # [B] keys per request; set on the decode group, rows [0, B)
+    # Chunk group, varlen layout (the triton backend): request r's queries are flat rows
+    # query_start_loc[r]:query_start_loc[r+1]; it attends its first seq_lens[r] cached positions.
+    query_start_loc: torch.Tensor | None = None  # [B + 1] int
+    seq_lens: torch.Tensor | None = None  # [B] int
+    max_query_len: int = 0
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     groups: list[AttentionGroup]
+    backend: str | None = None  # None: the process default (set_attention_backend)
+
+
+def check_backend(name: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
+    return name
+
+
+_default_backend = os.environ.get("KVFLOW_ATTENTION_BACKEND", "auto")
+
+
+def set_attention_backend(name: str) -> None:
+    """The process-wide default backend (an engine's own choice, in AttentionMetadata.backend, wins)."""
+    global _default_backend
+    _default_backend = check_backend(name)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """The concrete backend for tensors on `device`. An engine's "auto" (or None) defers to the process
+    default (KVFLOW_ATTENTION_BACKEND / set_attention_backend), whose "auto" picks by device."""
+    name = check_backend(_default_backend if name in (None, "auto") else name)
+    if name != "auto":
+        return name
+    if device.type == "cuda" and _has_triton():
+        return "triton"
+    return "cpu" if device.type == "cpu" else "torch"
 
 
 def paged_attention(
@@ -39,12 +88,16 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
+    backend = resolve_backend(meta.backend, q.device)
+    if backend == "triton":
+        from kvflow.layers.triton.attention import triton_paged_attention  # imports triton on first use
+        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     for g in meta.groups:
-        if g.ctx_lens is not None and cpu_kernels.can_run_decode(q, k_cache):
+        if g.ctx_lens is not None and backend == "cpu" and cpu_kernels.can_run_decode(q, k_cache):
             n = g.ctx_lens.shape[0]  # the decode group is the batch's first n tokens
             out[:n] = cpu_kernels.paged_decode(q[:n], k_cache, v_cache, g.block_tables, g.ctx_lens, scale)
             continue

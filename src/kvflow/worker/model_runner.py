@@ -17,10 +17,11 @@ import torch
 from kvflow.config import EngineConfig, ModelConfig, parse_dtype
 from kvflow.core.request import Request
 from kvflow.core.scheduler import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
-from kvflow.layers.attention import AttentionGroup, AttentionMetadata
+from kvflow.layers.attention import AttentionGroup, AttentionMetadata, resolve_backend
 from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
 from kvflow.model.loader import load_model
 from kvflow.outputs import Logprob, TokenLogprob
+from kvflow.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,11 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
         valid = offs < m_lens[:, None]
         index = torch.where(valid, m_first[:, None] + offs, m_first[:, None])  # pad with the chunk's first token
         ctx = int(ctx_lens[num_single:].max())
-        groups.append(_group(index, valid, tables[num_single:, :(ctx + bs - 1) // bs], positions[index], bs, device))
+        chunk = _group(index, valid, tables[num_single:, :(ctx + bs - 1) // bs], positions[index], bs, device)
+        # varlen layout for kernels that take the chunks back to back (the triton backend)
+        chunk.query_start_loc = torch.cat([m_first, m_first[-1:] + m_lens[-1:]]).to(device)
+        chunk.seq_lens, chunk.max_query_len = ctx_lens[num_single:].to(device), int(m_lens.max())
+        groups.append(chunk)
     all_ids = [t for ids, _, _ in items for t in ids]
     return Batch(torch.tensor(all_ids, dtype=torch.long, device=device), positions.to(device),
                  AttentionMetadata(slot_mapping.to(device), groups), first_token + lens_t - 1)
@@ -73,9 +78,10 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
 
 def _group(index, valid, tables, q_positions, block_size: int, device) -> AttentionGroup:
     num_keys = tables.shape[1] * block_size
-    mask = torch.arange(num_keys)[None, None, :] <= q_positions[:, :, None]  # causal; also hides padding keys
+    # built on the device: an 8k-token chunk's mask is 64 MB, not worth building on the host and copying
+    mask = torch.arange(num_keys, device=device)[None, None, :] <= q_positions.to(device)[:, :, None]  # causal; also hides padding keys
     return AttentionGroup(index.to(device), None if valid is None else valid.to(device), tables.to(device),
-                          mask[:, None].to(device))
+                          mask[:, None])
 
 
 def allocate_kv_caches(model_cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -99,12 +105,22 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         loaded = load_model(model or config.model, self.dtype, config.device,
-                            max_positions=config.scheduler.max_model_len)
+                            max_positions=config.scheduler.max_model_len, load_format=config.load_format)
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer, self.eos_token_ids, self.model_path = loaded.tokenizer, loaded.eos_token_ids, loaded.path
+        self.attention_backend = config.attention_backend
         self.num_blocks = num_blocks or self._num_blocks(config)
-        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
+        use_graphs = (model is None and self.device.type == "cuda" and not config.enforce_eager
+                      and resolve_backend(config.attention_backend, self.device) == "triton")
+        # With CUDA graphs, one block past the pool's takes the padding rows' keys and values.
+        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks + use_graphs, self.block_size,
+                                            self.dtype, self.device)
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, config.scheduler.max_num_seqs,
+                                       self.model_config.max_position_embeddings, self.num_blocks, self.device)
+            self.graphs.capture()
 
     def _num_blocks(self, config: EngineConfig) -> int:
         if config.cache.num_gpu_blocks is not None:
@@ -116,11 +132,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens > 1)  # single tokens first (stable)
-        batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        hidden, last_token = self._forward(items)
         sampled = [(i, s) for i, s in enumerate(items) if s.samples]
-        rows, sampling_rows = self.prepare_sample(sampled, batch)
-        prompt_rows = self._prompt_logprob_rows(items, batch, rows)
+        rows, sampling_rows = self.prepare_sample(sampled, last_token)
+        prompt_rows = self._prompt_logprob_rows(items, last_token, rows)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
         n = len(sampling_rows)
         out = ModelRunnerOutput(sample_logits=logits[:n] if n else None)
@@ -132,15 +147,25 @@ class ModelRunner:
             offset += count
         return out
 
+    def _forward(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states of the step's tokens, and the flat index of each item's last token."""
+        if self.graphs is not None and self.graphs.can_run(len(items)) and all(s.num_new_tokens == 1 for s in items):
+            hidden = self.graphs.run([s.token_ids[0] for s in items], [s.start for s in items],
+                                     [s.request.block_ids for s in items])
+            return hidden, list(range(len(items)))
+        batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device)
+        batch.meta.backend = self.attention_backend
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta), batch.last_token.tolist()
+
     @staticmethod
-    def prepare_sample(sampled: list[tuple[int, ScheduledRequest]], batch: Batch) -> tuple[list[int], list[SamplingRow]]:
+    def prepare_sample(sampled: list[tuple[int, ScheduledRequest]], last_token: list[int]) -> tuple[list[int], list[SamplingRow]]:
         """The hidden-state rows to sample and what the sampler needs to know about each: a
         request verifying K drafts owns K + 1 rows, row j seeing the history plus the first j drafts."""
         rows: list[int] = []
         sampling_rows: list[SamplingRow] = []
         for i, s in sampled:
             k = len(s.spec_token_ids)
-            last = int(batch.last_token[i])
+            last = last_token[i]
             rows.extend(range(last - k, last + 1))
             sampling_rows.extend(_sampling_row(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
         return rows, sampling_rows
@@ -157,14 +182,14 @@ class ModelRunner:
             row += n_rows
 
     @staticmethod
-    def _prompt_logprob_rows(items: list[ScheduledRequest], batch: Batch, rows: list[int]) -> list[tuple[Request, int]]:
+    def _prompt_logprob_rows(items: list[ScheduledRequest], last_token: list[int], rows: list[int]) -> list[tuple[Request, int]]:
         """Append the rows whose logits score prompt tokens (position p scores token p + 1)."""
         out = []
         for i, s in enumerate(items):
             req = s.request
             if req.prompt_logprobs is None:
                 continue
-            first = int(batch.last_token[i]) - (s.num_new_tokens - 1)
+            first = last_token[i] - (s.num_new_tokens - 1)
             lo = max(s.start, len(req.prompt_logprobs) - 1)  # skip tokens already scored (recompute)
             hi = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
             if hi > lo:
