@@ -295,3 +295,32 @@ def test_engine_greedy_triton_equals_torch_and_transformers(tiny_llama, monkeypa
     assert all(calls.values()), calls
     want = [hf_greedy(hf, p, 6) for p in (prompts[0], *prompts)]
     assert outputs["triton"] == outputs["torch"] == want
+
+
+def test_decode_graph_buffers_match_the_eager_step(tiny_llama):
+    """The CUDA-graph path's static buffers (one packed host row per request, padding rows sent to a
+    scratch block) give the hidden states of the ordinary step. On CPU the graph is not captured,
+    so the same buffers run eagerly; on a GPU the test captures and replays."""
+    from kvflow import LLM, SamplingParams
+    from kvflow.worker.cuda_graphs import DecodeGraphs
+    from kvflow.worker.model_runner import build_batch
+
+    path, _ = tiny_llama
+    llm = LLM(model=str(path), dtype="float32", device=str(DEVICE), attention_backend="triton", block_size=8,
+              num_gpu_blocks=32, enforce_eager=True)
+    runner = llm.engine.runner
+    outs = llm.generate([[5, 6, 7, 8, 9] * 3, list(range(20, 31))], SamplingParams(temperature=0.0, max_tokens=1))
+    # Two requests decoding their next token over the blocks the prompts just filled (blocks 0-3 of a
+    # fresh pool; block 31 stays free and is the scratch block).
+    reqs = [(o.prompt_token_ids + o.outputs[0].token_ids, len(o.prompt_token_ids)) for o in outs]
+    tables = [[0, 1], [2, 3]]
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, max_num_seqs=4, max_model_len=64, scratch_block=31,
+                          device=DEVICE)
+    if DEVICE.type == "cuda":
+        graphs.capture()
+    got = graphs.run([t[-1] for t, _ in reqs], [s for _, s in reqs], tables)  # padded to the bucket of 2
+    batch = build_batch([([t[-1]], s, tab) for (t, s), tab in zip(reqs, tables)], 8, DEVICE)
+    batch.meta.backend = "triton"
+    want = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert graphs.sizes == [1, 2, 4]

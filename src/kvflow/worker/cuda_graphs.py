@@ -33,24 +33,24 @@ class DecodeGraphs:
         self.sizes = batch_buckets(max_num_seqs)
         self.max_blocks = -(-max_model_len // block_size)
         n = self.sizes[-1]
-        # One pinned host buffer holds a step's whole input; one copy moves it to its device twin.
-        self.columns = 4 + self.max_blocks  # token id, position, slot, context length, block table
-        self.host = torch.zeros(n, self.columns, dtype=torch.long, pin_memory=True)
-        self.static = torch.zeros(n, self.columns, dtype=torch.long, device=device)
+        # One pinned host buffer holds a step's whole input (rows: token id, position, slot, context
+        # length; then the block tables); one copy moves it to its device twin.
+        self.host = _StepBuffer(n, self.max_blocks, torch.device("cpu"), pin=device.type == "cuda")
+        self.static = _StepBuffer(n, self.max_blocks, device)
         self.token_index = torch.arange(n, device=device)[:, None]
         self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # the triton decode kernel needs none
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _forward(self, b: int) -> torch.Tensor:
-        s = self.static[:b]
-        group = AttentionGroup(self.token_index[:b], None, s[:, 4:], self.no_mask, ctx_lens=s[:, 3])
-        meta = AttentionMetadata(s[:, 2], [group], backend="triton")
-        return self.model(s[:, 0], s[:, 1], self.kv_caches, meta)
+        s = self.static
+        group = AttentionGroup(self.token_index[:b], None, s.tables[:b], self.no_mask, ctx_lens=s.ctx_lens[:b])
+        meta = AttentionMetadata(s.slots[:b], [group], backend="triton")
+        return self.model(s.token_ids[:b], s.positions[:b], self.kv_caches, meta)
 
     @torch.inference_mode()
     def capture(self) -> None:
         self._fill_padding(0, self.sizes[-1])
-        self.static.copy_(self.host)
+        self.static.flat.copy_(self.host.flat)
         pool = None
         for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
             self._forward(b)  # warm-up: Triton compiles and autotunes outside the capture
@@ -70,25 +70,37 @@ class DecodeGraphs:
         """Hidden states [n, hidden] of n one-token requests (token i at position starts[i])."""
         n = len(token_ids)
         b = next(size for size in self.sizes if size >= n)
-        host, bs = self.host, self.block_size
-        host[:n, 0] = torch.tensor(token_ids)
+        h, bs = self.host, self.block_size
         pos = torch.tensor(starts)
-        host[:n, 1] = pos
-        host[:n, 3] = pos + 1
-        host[:n, 4:] = self.scratch_block
+        h.token_ids[:n] = torch.tensor(token_ids)
+        h.positions[:n] = pos
+        h.ctx_lens[:n] = pos + 1
+        h.tables[:n] = self.scratch_block
         for i, table in enumerate(block_tables):
-            host[i, 4:4 + len(table)] = torch.tensor(table[:self.max_blocks])
-        host[:n, 2] = host[torch.arange(n), 4 + pos // bs] * bs + pos % bs
+            h.tables[i, :len(table)] = torch.tensor(table[:self.max_blocks])
+        h.slots[:n] = h.tables[torch.arange(n), pos // bs] * bs + pos % bs
         self._fill_padding(n, b)
-        self.static[:b].copy_(host[:b], non_blocking=True)
+        self.static.flat.copy_(h.flat, non_blocking=True)
+        if b not in self.graphs:  # not captured (a CPU test of the buffers): the same forward, eagerly
+            return self._forward(b)[:n]
         graph, out = self.graphs[b]
         graph.replay()
         return out[:n]
 
     def _fill_padding(self, start: int, end: int) -> None:
-        if end > start:
-            pad = self.host[start:end]
-            pad[:, 0:2] = 0
-            pad[:, 2] = self.scratch_block * self.block_size  # the scratch block's first slot
-            pad[:, 3] = 1
-            pad[:, 4:] = self.scratch_block
+        h = self.host
+        h.token_ids[start:end] = 0
+        h.positions[start:end] = 0
+        h.slots[start:end] = self.scratch_block * self.block_size  # the scratch block's first slot
+        h.ctx_lens[start:end] = 1
+        h.tables[start:end] = self.scratch_block
+
+
+class _StepBuffer:
+    """A decode step's inputs in one flat tensor, each field a contiguous view (the kernels read
+    context lengths and slots with unit stride)."""
+
+    def __init__(self, n: int, max_blocks: int, device: torch.device, pin: bool = False):
+        self.flat = torch.zeros(n * (4 + max_blocks), dtype=torch.long, device=device, pin_memory=pin)
+        self.token_ids, self.positions, self.slots, self.ctx_lens = self.flat[:4 * n].view(4, n)
+        self.tables = self.flat[4 * n:].view(n, max_blocks)
