@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvflow.errors import ConfigError
+from kvflow.layers.kv_quant import check_kv_cache_dtype
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +55,8 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    # "auto" (the compute dtype) | "float32" | "bfloat16" | "fp8" (e4m3) | "int8" (per token and head scale)
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass
@@ -76,6 +79,7 @@ class EngineConfig:
     def validate(self) -> None:
         parse_dtype(self.dtype)
         c, s = self.cache, self.scheduler
+        c.kv_cache_dtype = check_kv_cache_dtype(c.kv_cache_dtype)
         if c.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {c.block_size}")
         if c.num_blocks is not None and c.num_blocks < 2:

@@ -15,7 +15,8 @@ from kvflow.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _CACHE_OPTIONS = {"block_size": "block_size", "kv_cache_memory_gb": "kv_cache_memory_gb",
-                  "num_gpu_blocks": "num_blocks", "enable_prefix_caching": "enable_prefix_caching"}
+                  "num_gpu_blocks": "num_blocks", "enable_prefix_caching": "enable_prefix_caching",
+                  "kv_cache_dtype": "kv_cache_dtype"}
 _SCHEDULER_OPTIONS = {f.name for f in fields(SchedulerConfig)}
 
 
@@ -23,7 +24,7 @@ class LLM:
     """`LLM(model="smollm2-135m", dtype="float32", device="cpu", max_num_seqs=64, ...)`.
 
     Options follow vLLM's names: block_size, num_gpu_blocks, kv_cache_memory_gb,
-    enable_prefix_caching, max_num_batched_tokens, max_num_seqs, max_model_len, seed,
+    enable_prefix_caching, kv_cache_dtype ("auto" | "float32" | "bfloat16" | "fp8" | "int8"), max_num_batched_tokens, max_num_seqs, max_model_len, seed,
     speculative_config ({"method": "ngram" | "recycle" | "draft", "num_speculative_tokens": K | "auto", ...}).
     """
 

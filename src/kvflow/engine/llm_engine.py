@@ -15,6 +15,7 @@ from kvflow.engine.kv_cache import BlockPool
 from kvflow.engine.request import Request
 from kvflow.engine.scheduler import Scheduler
 from kvflow.errors import InvalidRequestError
+from kvflow.layers.kv_quant import storage_dtype
 from kvflow.model.loader import load_model
 from kvflow.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from kvflow.sampling_params import SamplingParams
@@ -73,7 +74,7 @@ class LLMEngine:
         c = self.config.cache
         if c.num_blocks is not None:
             return c.num_blocks
-        per_block = ModelRunner.bytes_per_block(self.model_config, c.block_size, dtype)
+        per_block = ModelRunner.bytes_per_block(self.model_config, c.block_size, storage_dtype(c.kv_cache_dtype, dtype))
         return max(2, int(c.kv_cache_memory_gb * (1 << 30)) // per_block)
 
     # ---------------- requests ----------------

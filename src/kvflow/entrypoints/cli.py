@@ -4,6 +4,7 @@
     kvflow chat [options]                    interactive chat, streamed
     kvflow bench throughput [options]        offline throughput, kvflow or transformers
     kvflow bench spec [options]              speculative decoding speed-ups (kvflow.bench.spec)
+    kvflow bench perplexity [options]        perplexity per precision (kvflow.bench.perplexity)
 
 Model and engine options follow vLLM's names (--max-num-seqs, --max-num-batched-tokens,
 --block-size, --num-gpu-blocks, --enable-prefix-caching, --max-model-len ...); options left out keep
@@ -20,6 +21,7 @@ import sys
 
 DEMO_PROMPT = "The three most useful things to know about the solar system are"
 EXIT_USAGE = 2
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "int8")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +37,8 @@ class _Fail(Exception):
 
 # ---------------- shared options ----------------
 _ENGINE_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
-                   "kv_cache_memory_gb", "enable_prefix_caching", "max_model_len", "speculative_config")
+                   "kv_cache_memory_gb", "enable_prefix_caching", "max_model_len", "speculative_config",
+                   "kv_cache_dtype")
 
 
 def _add_model_args(p: argparse.ArgumentParser, seed_help: str = "engine random seed (default 0)") -> None:
@@ -55,6 +58,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, help="tokens per KV cache block")
     g.add_argument("--num-gpu-blocks", type=int, help="KV cache blocks (overrides --kv-cache-memory-gb)")
     g.add_argument("--kv-cache-memory-gb", type=float, help="memory for the KV cache, GiB")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,  # (kvflow.layers.kv_quant's; listed here: no torch import for --help)
+                   help="KV cache precision: auto (the compute dtype), float32, bfloat16, fp8 (e4m3), "
+                        "int8 (per token and head scale)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of shared prompt prefixes")
     g.add_argument("--max-model-len", type=int, help="longest prompt + output, tokens")
@@ -293,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "serve", "kvflow.entrypoints.openai.server", "add_cli", "OpenAI-compatible HTTP server")
 
     b = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
-    bsub = b.add_subparsers(dest="bench_command", metavar="{throughput,serve,spec}", required=True)
+    bsub = b.add_subparsers(dest="bench_command", metavar="{throughput,serve,spec,perplexity}", required=True)
     t = bsub.add_parser("throughput", help="offline throughput (vLLM's benchmark_throughput)", description=(
         "Offline throughput: all requests at once, greedy, EOS ignored, each generating exactly its "
         "output length. Prints requests/s, total and output tokens/s, the model FLOP/s achieved "
@@ -319,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "online serving benchmark against an OpenAI-compatible server")
     _add_optional(bsub, "spec", "kvflow.bench.spec", "add_bench_spec_parser",
                   "speculative decoding: decode speed with and without, same run")
+    _add_optional(bsub, "perplexity", "kvflow.bench.perplexity", "add_bench_perplexity_parser",
+                  "perplexity and top-1 agreement with float32 per dtype / KV cache dtype / quantization")
     return parser
 
 

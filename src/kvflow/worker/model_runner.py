@@ -14,7 +14,9 @@ import torch
 from kvflow.config import CacheConfig
 from kvflow.engine.request import Request
 from kvflow.engine.scheduler import ScheduledRequest, SchedulerOutput
+from kvflow.layers import kv_quant
 from kvflow.layers.attention import AttentionGroup, AttentionMetadata
+from kvflow.layers.kv_quant import LayerKVCache
 from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
 from kvflow.model.llama import LlamaForCausalLM
 
@@ -63,29 +65,43 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
         decode.ctx_lens = ctx_lens[:num_single].to(device)
         groups.append(decode)
     if num_single < num_reqs:
-        m_lens, m_first = lens_t[num_single:], first_token[num_single:]
-        offs = torch.arange(int(m_lens.max()))[None, :]
-        valid = offs < m_lens[:, None]
-        index = torch.where(valid, m_first[:, None] + offs, m_first[:, None])  # pad with the chunk's first token
-        ctx = int(ctx_lens[num_single:].max())
-        groups.append(_group(index, valid, tables[num_single:, :(ctx + bs - 1) // bs], positions[index], bs, device))
+        # Chunks that start at position 0 (no cached prefix) attend causally over their own keys;
+        # the others (later chunks, prefix-cache hits, speculative tokens) read the cache with a mask.
+        fresh = starts_t[num_single:] == 0
+        for sel in (fresh, ~fresh):
+            rows = torch.nonzero(sel).flatten() + num_single
+            if len(rows):
+                groups.append(_chunk_group(rows, lens_t, first_token, ctx_lens, tables, positions, bs, device,
+                                           causal_fresh=sel is fresh))
     all_ids = [t for ids, _, _ in items for t in ids]
     return Batch(torch.tensor(all_ids, dtype=torch.long, device=device), positions.to(device),
                  AttentionMetadata(slot_mapping.to(device), groups), first_token + lens_t - 1)
 
 
+def _chunk_group(rows, lens_t, first_token, ctx_lens, tables, positions, bs: int, device,
+                 causal_fresh: bool) -> AttentionGroup:
+    """Multi-token items `rows`, padded to the longest (padding repeats the chunk's first token)."""
+    m_lens, m_first = lens_t[rows], first_token[rows]
+    offs = torch.arange(int(m_lens.max()))[None, :]
+    valid = offs < m_lens[:, None]
+    index = torch.where(valid, m_first[:, None] + offs, m_first[:, None])
+    ctx = int(ctx_lens[rows].max())
+    group = _group(index, valid, tables[rows, :(ctx + bs - 1) // bs], positions[index], bs, device)
+    group.causal_fresh = causal_fresh
+    return group
+
+
 def _group(index, valid, tables, q_positions, block_size: int, device) -> AttentionGroup:
-    num_keys = tables.shape[1] * block_size
-    mask = torch.arange(num_keys)[None, None, :] <= q_positions[:, :, None]  # causal; also hides padding keys
     return AttentionGroup(index.to(device), None if valid is None else valid.to(device), tables.to(device),
-                          mask[:, None].to(device))
+                          q_positions=q_positions.to(device), block_size=block_size)
 
 
 def allocate_kv_caches(model_cfg, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device) -> list[torch.Tensor]:
-    """One [2 (k, v), num_blocks, block_size, kv_heads, head_dim] tensor per layer."""
-    shape = (2, num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_cfg.num_layers)]
+                       device: torch.device) -> list[LayerKVCache]:
+    """One LayerKVCache per layer: [2 (k, v), num_blocks, block_size, kv_heads, head_dim] values in
+    `dtype` (the KV cache dtype), plus per (token, head) scales when that dtype is int8."""
+    return [LayerKVCache.allocate(num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim, dtype, device)
+            for _ in range(model_cfg.num_layers)]
 
 
 class ModelRunner:
@@ -94,12 +110,15 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = cache_config.block_size
-        self.kv_caches = allocate_kv_caches(model.config, num_blocks, self.block_size, dtype, device)
+        # dtype is the compute dtype; the cache stores cache_config.kv_cache_dtype ("auto" = dtype)
+        self.kv_cache_dtype = kv_quant.storage_dtype(getattr(cache_config, "kv_cache_dtype", "auto"), dtype)
+        self.kv_caches = allocate_kv_caches(model.config, num_blocks, self.block_size, self.kv_cache_dtype, device)
 
     @staticmethod
     def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elem
+        """dtype: the KV cache's storage dtype (int8 adds a float32 scale per token and head)."""
+        per = kv_quant.bytes_per_token_head(model_cfg.head_dim, dtype)
+        return 2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * per
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:

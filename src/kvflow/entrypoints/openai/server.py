@@ -598,6 +598,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block (default 16)")
     g.add_argument("--num-gpu-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-gb)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="memory for the KV cache (default 1.0)")
+    g.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "fp8", "int8"],
+                   help="KV cache precision (default auto: the compute dtype)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default 2048, capped by the model)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV cache of shared prompt prefixes (default on)")
@@ -626,6 +628,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     for name, target, attr in [("block_size", cache, "block_size"), ("num_gpu_blocks", cache, "num_blocks"),
                                ("kv_cache_memory_gb", cache, "kv_cache_memory_gb"),
                                ("enable_prefix_caching", cache, "enable_prefix_caching"),
+                               ("kv_cache_dtype", cache, "kv_cache_dtype"),
                                ("max_num_seqs", sched, "max_num_seqs"),
                                ("max_num_batched_tokens", sched, "max_num_batched_tokens"),
                                ("max_model_len", sched, "max_model_len")]:
