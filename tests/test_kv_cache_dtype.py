@@ -128,7 +128,8 @@ def test_decode_kernel_reads_quantized_cache(monkeypatch, cache_dtype, q_dtype):
 # Bounds on |logprob of a token - float32's logprob of the same token after the same prefix|
 # (mean over tokens, worst token), measured on these prompts with margin: the mean is what
 # perplexity sees; the worst token bounds outliers.
-TOLERANCE = {"bfloat16": (0.02, 0.25), "fp8": (0.12, 1.5), "int8": (0.05, 0.6)}
+# Measured (Intel Xeon, Sapphire Rapids): bf16 mean 0.0024 / max 0.011; fp8 0.047 / 0.32; int8 0.012 / 0.082.
+TOLERANCE = {"bfloat16": (0.01, 0.05), "fp8": (0.12, 0.8), "int8": (0.04, 0.3)}
 SHARED = PARAGRAPHS[3] + "\n\n"
 
 
@@ -140,16 +141,14 @@ def _prompts(tokenizer) -> list[list[int]]:
 @pytest.mark.parametrize("kv", list(TOLERANCE))
 def test_kv_cache_dtype_logprobs_close_to_float32(make_llm, tokenizer, kv):
     """Chunked prefill (64-token budget), a prefix-cache hit, and a pool small enough to preempt."""
-    llm = make_llm(kv_cache_dtype=kv, max_num_batched_tokens=64, num_gpu_blocks=24, max_model_len=256)
+    llm = make_llm(kv_cache_dtype=kv, max_num_batched_tokens=64, num_gpu_blocks=13, max_model_len=208)
     engine = llm.engine
     prompts = _prompts(tokenizer)
-    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=0, ignore_eos=True)
     first = llm.generate(prompts[0], params)  # its shared-prefix blocks are then cached
     preempted = engine.scheduler.num_preemptions
     outs = [first] + llm.generate(prompts[1:], params)
     assert_all_blocks_free(llm)
-    assert any(o.num_cached_tokens > 0 for o in outs[1:]), "no prefix-cache hit"
-    assert engine.scheduler.num_preemptions > preempted, "the small pool never forced a preemption"
 
     # float32 logprobs of the same tokens (teacher-forced, the default engine)
     full = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outs)]
@@ -165,3 +164,5 @@ def test_kv_cache_dtype_logprobs_close_to_float32(make_llm, tokenizer, kv):
         f"kv_cache_dtype={kv}: |logprob - float32| mean {float(d.mean()):.4f} (bound {mean_tol}), "
         f"max {float(d.max()):.4f} (bound {max_tol})")
     assert engine.runner.kv_cache_dtype == kv_quant.storage_dtype(kv, torch.float32)
+    assert any(o.num_cached_tokens > 0 for o in outs[1:]), "no prefix-cache hit"
+    assert engine.scheduler.num_preemptions > preempted, "the small pool never forced a preemption"

@@ -47,6 +47,9 @@ class PerplexityConfig:
     reference: bool = True  # also run float32 (if not among the variants) for top-1 agreement
     engine_options: dict = field(default_factory=dict)
     use_tqdm: bool = False
+    # float32 scores saved here after the first run and read back by later ones with the same
+    # text and windows (so variants can be measured in separate processes against one reference)
+    reference_file: str | None = None
 
     def validate(self) -> None:
         from kvflow.config import parse_dtype
@@ -179,12 +182,17 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
     del probe
     if len(ids) < cfg.context:
         raise ConfigError(f"the text has {len(ids)} tokens, fewer than one window of {cfg.context}")
-    order = ([REFERENCE] if cfg.reference and REFERENCE not in variants else []) + variants
     runs = {}
+    saved = _load_reference(cfg, ids) if cfg.reference and REFERENCE not in variants else None
+    if saved is not None:
+        runs[REFERENCE] = saved
+    order = ([REFERENCE] if cfg.reference and REFERENCE not in variants and saved is None else []) + variants
     for v in order:
         logger.info("perplexity: %s", v)
         runs[v] = run_variant(cfg, ids, v)
     ref = runs.get(REFERENCE) if cfg.reference else None
+    if ref is not None and saved is None and cfg.reference_file:
+        _save_reference(cfg, ids, ref)
     return {
         "model": cfg.model, "dataset": cfg.dataset, "num_tokens": len(ids), "context": cfg.context,
         "stride": cfg.stride, "num_windows": len(windows(len(ids), cfg.context, cfg.stride)),
@@ -193,6 +201,28 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
         "reference": None if ref is None else summarize(REFERENCE, ref, None),
         "variants": [summarize(v, runs[v], ref) for v in variants],
     }
+
+
+def _reference_key(cfg: PerplexityConfig, ids: list[int]) -> dict:
+    return {"model": cfg.model, "dataset": cfg.dataset, "num_tokens": len(ids), "context": cfg.context,
+            "stride": cfg.stride, "tokens_hash": hash(tuple(ids)) & 0xFFFFFFFF}
+
+
+def _load_reference(cfg: PerplexityConfig, ids: list[int]) -> dict | None:
+    path = Path(cfg.reference_file) if cfg.reference_file else None
+    if path is None or not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("key") != _reference_key(cfg, ids):
+        logger.warning("%s was saved for other text or windows: recomputing the float32 reference", path)
+        return None
+    run = data["run"]
+    return {**run, "logprobs": torch.tensor(run["logprobs"], dtype=torch.float64), "top1": torch.tensor(run["top1"])}
+
+
+def _save_reference(cfg: PerplexityConfig, ids: list[int], ref: dict) -> None:
+    run = {**ref, "logprobs": ref["logprobs"].tolist(), "top1": ref["top1"].tolist()}
+    Path(cfg.reference_file).write_text(json.dumps({"key": _reference_key(cfg, ids), "run": run}))
 
 
 def _cpu_name() -> str:
@@ -238,6 +268,8 @@ def add_bench_perplexity_parser(subparsers) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, help="step token budget (default context - stride)")
     p.add_argument("--kv-cache-memory-gb", type=float, help="memory for the KV cache, GiB (engine default 1.0)")
     p.add_argument("--no-reference", action="store_true", help="skip the float32 reference run")
+    p.add_argument("--reference-file", metavar="PATH",
+                   help="save the float32 reference scores here, or reuse them if saved for the same windows")
     p.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_perplexity)
 
@@ -248,7 +280,7 @@ def cmd_bench_perplexity(args) -> int:
     cfg = PerplexityConfig(model=args.model, dataset=args.dataset, num_tokens=args.num_tokens, context=args.context,
                            stride=args.stride, dtypes=args.dtype, kv_cache_dtypes=args.kv_cache_dtype,
                            quantizations=args.quantization, device=args.device, reference=not args.no_reference,
-                           engine_options=options)
+                           engine_options=options, reference_file=args.reference_file)
     res = run_perplexity(cfg)
     print(format_result(res))
     if args.json:
