@@ -107,6 +107,28 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos_sin, kv_cache, meta)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
+    def warm_up_op_choices(self, max_rows: int) -> None:
+        """Make the measured C-vs-torch choices of the fused ops (layers/op_select.py) for every
+        row class up to max_rows now, at start-up, rather than inside the first request of each size."""
+        layer, cfg = self.layers[0], self.config
+        dtype = self.embed_tokens.weight.dtype
+        if self.embed_tokens.weight.device.type != "cpu":
+            return
+        attn = layer.self_attn
+        rows = 1
+        while True:
+            x = torch.randn(rows, cfg.hidden_size).to(dtype)
+            layer.input_layernorm(x)
+            layer.input_layernorm(x, x.clone())
+            silu_and_mul(torch.randn(rows, 2 * cfg.intermediate_size).to(dtype))
+            if attn.q_norm is None:
+                qkv = torch.randn(rows, attn.q_size + 2 * attn.kv_size).to(dtype)
+                rotate_heads(qkv, attn.num_heads + attn.num_kv_heads, attn.head_dim,
+                             self.rotary.cos_sin(torch.zeros(rows, dtype=torch.long), dtype))
+            if rows >= max_rows:
+                break
+            rows *= 2
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 

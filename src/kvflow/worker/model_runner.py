@@ -113,6 +113,8 @@ class ModelRunner:
         # dtype is the compute dtype; the cache stores cache_config.kv_cache_dtype ("auto" = dtype)
         self.kv_cache_dtype = kv_quant.storage_dtype(getattr(cache_config, "kv_cache_dtype", "auto"), dtype)
         self.kv_caches = allocate_kv_caches(model.config, num_blocks, self.block_size, self.kv_cache_dtype, device)
+        if hasattr(model, "warm_up_op_choices"):
+            model.warm_up_op_choices(max_rows=512)
 
     @staticmethod
     def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
