@@ -30,7 +30,7 @@ def test_export_mid_decode_import_elsewhere_same_greedy_tokens(make_llm):
     before = merge_outputs(outputs)["moving"]
     assert 0 < len(before.outputs[0].token_ids) < 24
     exported = src.engine.export_request("moving")
-    assert exported.kv[0].shape[2] == exported.children[0]["num_computed_tokens"]
+    assert exported.kv[0][0].shape[2] == exported.children[0]["num_computed_tokens"]
     assert not src.engine.has_unfinished_requests()
     assert_all_blocks_free(src)
 
@@ -57,7 +57,7 @@ def test_export_of_a_waiting_request_and_kv_round_trip(make_llm):
 
     runner = eng.runner
     blocks = [3, 1]  # not contiguous
-    data = torch.randn(len(runner.kv_caches), 2, 20, *runner.kv_caches[0].shape[3:])
-    runner.write_kv(blocks, data)
-    assert torch.equal(runner.read_kv(blocks, 20), data.to(runner.kv_caches[0].dtype))
+    data = torch.randn(len(runner.kv_caches), 2, 20, *runner.kv_caches[0].data.shape[3:])
+    runner.write_kv(blocks, [data])
+    assert torch.equal(runner.read_kv(blocks, 20)[0], data.to(runner.kv_caches[0].dtype))
     assert_all_blocks_free(llm)

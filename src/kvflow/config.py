@@ -7,9 +7,13 @@ import torch
 
 from kvflow.errors import ConfigError
 
-ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # kept equal to layers.attention's
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "int8")
+_KV_ALIASES = {"fp8_e4m3": "fp8", "float": "float32", "bf16": "bfloat16"}  # kept equal to layers.attention's
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "int8")
+_KV_ALIASES = {"fp8_e4m3": "fp8", "float": "float32", "bf16": "bfloat16"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,6 +67,8 @@ class CacheConfig:
     num_gpu_blocks: int | None = _opt(None, "KV-cache blocks (overrides --kv-cache-memory-gb; tests use tiny pools)",
                                       type=int)
     enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of shared prompt prefixes")
+    kv_cache_dtype: str = _opt("auto", "KV cache precision: auto (the compute dtype), float32, bfloat16, fp8 (e4m3), "
+                                       "int8 (per token and head scale)", choices=list(KV_CACHE_DTYPES))
 
 
 @dataclass
@@ -115,6 +121,7 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         c, s = self.cache, self.scheduler
+        c.kv_cache_dtype = check_kv_cache_dtype(c.kv_cache_dtype)
         if c.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {c.block_size}")
         if c.num_gpu_blocks is not None and c.num_gpu_blocks < 2:
@@ -127,6 +134,13 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {s.max_num_seqs}")
         if s.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {s.max_model_len}")
+
+
+def check_kv_cache_dtype(name: str) -> str:
+    """The canonical name, or ConfigError naming the choices (called before any weight loads)."""
+    if not isinstance(name, str) or _KV_ALIASES.get(name, name) not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return _KV_ALIASES.get(name, name)
 
 
 def option_fields() -> list:

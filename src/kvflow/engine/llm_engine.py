@@ -33,7 +33,7 @@ class ExportedRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[dict]  # Request.export_state() of each sample
-    kv: list[torch.Tensor | None]  # per sample: the KV of its computed tokens' blocks (ModelRunner.read_kv)
+    kv: list[list[torch.Tensor] | None]  # per sample: the KV of its computed tokens (ModelRunner.read_kv)
     sent: dict  # what the output processor already sent, so the deltas carry on where they stopped
 
 

@@ -28,7 +28,7 @@ def chunk_layout(g, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, i
                                                                  device=device)
     starts = g.token_index[:, 0]
     qsl = torch.cat([starts, (starts[-1:] + lens[-1:])])
-    last_row = g.mask[torch.arange(len(lens), device=device), 0, lens - 1]  # keys visible to the last query
+    last_row = g.attn_mask()[torch.arange(len(lens), device=device), 0, lens - 1]  # keys visible to the last query
     return qsl, last_row.sum(-1), int(g.token_index.shape[1])
 
 
