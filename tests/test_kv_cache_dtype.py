@@ -26,7 +26,7 @@ QUANTIZED = [torch.bfloat16, torch.float8_e4m3fn, torch.int8]
 
 # ---------------- configuration ----------------
 def test_unknown_kv_cache_dtype_fails_before_weights_load(monkeypatch):
-    import kvflow.engine.llm_engine as llm_engine
+    import kvflow.worker.model_runner as llm_engine
     from kvflow import LLM
 
     def no_load(*a, **k):
@@ -37,15 +37,16 @@ def test_unknown_kv_cache_dtype_fails_before_weights_load(monkeypatch):
 
 
 def test_cli_and_server_accept_kv_cache_dtype():
-    from kvflow.entrypoints.cli import build_parser
-    from kvflow.entrypoints.openai.server import add_engine_args, engine_config_from_args
     import argparse
+
+    from kvflow.entrypoints.args import add_engine_args, engine_config
+    from kvflow.entrypoints.cli import build_parser
 
     args = build_parser().parse_args(["generate", "--kv-cache-dtype", "int8", "hi"])
     assert args.kv_cache_dtype == "int8"
     p = argparse.ArgumentParser()
     add_engine_args(p)
-    assert engine_config_from_args(p.parse_args(["--kv-cache-dtype", "fp8"])).cache.kv_cache_dtype == "fp8"
+    assert engine_config(p.parse_args(["--kv-cache-dtype", "fp8"])).cache.kv_cache_dtype == "fp8"
 
 
 def test_block_count_follows_kv_cache_dtype():
