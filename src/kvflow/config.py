@@ -10,12 +10,41 @@ from kvflow.errors import ConfigError
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+DTYPE_CHOICES = ("auto", *_DTYPES)
+# Weight formats kept in memory: int8 (per-output-channel, W8A8 / W8A16 kernels), int4 (group-wise),
+# "auto" = the GGUF file's own type per tensor (Q8_0 -> int8, Q4_x -> int4, float -> none).
+QUANTIZATION_CHOICES = ("none", "int8", "int4", "auto")
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    """A dtype name (or "auto", see resolve_auto_dtype) -> torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return resolve_auto_dtype(device)[0]
     if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def resolve_auto_dtype(device: str = "cpu") -> tuple[torch.dtype, str]:
+    """dtype="auto": bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 / AMX), else
+    float32 (emulated bf16 matmuls are slower than float32 ones). Returns (dtype, why)."""
+    from kvflow.cpu_info import cpu_model_name, native_bf16_flags
+    if str(device).startswith("cuda"):
+        return torch.bfloat16, "CUDA device"
+    flags = native_bf16_flags()
+    if flags:
+        return torch.bfloat16, f"{cpu_model_name()} has {'/'.join(flags)}"
+    return torch.float32, f"{cpu_model_name()} has no native bfloat16"
+
+
+def parse_quantization(quantization: str | None) -> str:
+    """None/"none" -> "none"; otherwise one of QUANTIZATION_CHOICES."""
+    q = "none" if quantization is None else quantization
+    if q not in QUANTIZATION_CHOICES:
+        raise ConfigError(f"quantization must be one of {list(QUANTIZATION_CHOICES)} (or None), got {quantization!r}")
+    return q
 
 
 @dataclass
@@ -66,15 +95,20 @@ class SchedulerConfig:
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     seed: int = 0
+    quantization: str | None = None  # QUANTIZATION_CHOICES
+    recalibrate: bool = False  # re-time the linear kernels instead of reading the cached choice
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: object = None  # SpeculativeConfig | dict | JSON string
 
     def validate(self) -> None:
-        parse_dtype(self.dtype)
+        parse_dtype(self.dtype, self.device)
+        if parse_quantization(self.quantization) != "none" and not str(self.device).startswith("cpu"):
+            raise ConfigError(f"quantization={self.quantization!r} has CPU kernels only; on {self.device} "
+                              f"use quantization='none' (choices {list(QUANTIZATION_CHOICES)})")
         c, s = self.cache, self.scheduler
         if c.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {c.block_size}")

@@ -20,15 +20,21 @@ _SCHEDULER_OPTIONS = {f.name for f in fields(SchedulerConfig)}
 
 
 class LLM:
-    """`LLM(model="smollm2-135m", dtype="float32", device="cpu", max_num_seqs=64, ...)`.
+    """`LLM(model="smollm2-135m", dtype="auto", device="cpu", max_num_seqs=64, ...)`.
+
+    dtype: "auto" (bfloat16 on CUDA and on CPUs with native bf16, else float32), "float32",
+    "bfloat16", "float16". quantization: None | "int8" | "int4" | "auto" (the GGUF file's own
+    type): weights stay quantized in memory. recalibrate: time the linear kernels again instead of
+    using the cached choice (see kvflow.layers.kernel_choice).
 
     Options follow vLLM's names: block_size, num_gpu_blocks, kv_cache_memory_gb,
     enable_prefix_caching, max_num_batched_tokens, max_num_seqs, max_model_len, seed,
     speculative_config ({"method": "ngram" | "recycle" | "draft", "num_speculative_tokens": K | "auto", ...}).
     """
 
-    def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu",
-                 seed: int = 0, speculative_config: dict | str | None = None, **options):
+    def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "cpu",
+                 seed: int = 0, speculative_config: dict | str | None = None, quantization: str | None = None,
+                 recalibrate: bool = False, **options):
         cache, sched = CacheConfig(), SchedulerConfig()
         for key, value in options.items():
             if key in _CACHE_OPTIONS:
@@ -39,7 +45,8 @@ class LLM:
                 known = sorted([*_CACHE_OPTIONS, *_SCHEDULER_OPTIONS])
                 raise ConfigError(f"unknown option {key!r}; known options: {', '.join(known)}")
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed,
-                                             cache=cache, scheduler=sched, speculative_config=speculative_config))
+                                             cache=cache, scheduler=sched, speculative_config=speculative_config,
+                                             quantization=quantization, recalibrate=recalibrate))
         self._next_id = 0
 
     def get_tokenizer(self):

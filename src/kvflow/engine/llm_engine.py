@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import EngineConfig, parse_dtype
+from kvflow.config import EngineConfig, parse_dtype, parse_quantization, resolve_auto_dtype
 from kvflow.engine.detokenizer import IncrementalDetokenizer
 from kvflow.engine.kv_cache import BlockPool
 from kvflow.engine.request import Request
@@ -44,9 +44,17 @@ class LLMEngine:
         config.validate()
         self.config = config
         torch.manual_seed(config.seed)
+        if config.dtype == "auto":  # resolved once; everything downstream sees the concrete dtype
+            resolved, why = resolve_auto_dtype(config.device)
+            config.dtype = str(resolved).removeprefix("torch.")
+            logger.info("dtype auto -> %s (%s)", config.dtype, why)
         dtype = parse_dtype(config.dtype)
         self.device = torch.device(config.device)
-        loaded = load_model(config.model, dtype, config.device, max_positions=config.scheduler.max_model_len)
+        quant = parse_quantization(config.quantization)
+        extra = {"quantization": quant} if quant != "none" else {}  # (keeps test doubles of load_model working)
+        loaded = load_model(config.model, dtype, config.device, max_positions=config.scheduler.max_model_len, **extra)
+        from kvflow.layers import kernel_choice
+        kernel_choice.calibrate(loaded.model, recalibrate=config.recalibrate)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
