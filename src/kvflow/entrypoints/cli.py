@@ -42,8 +42,11 @@ def _add_model_args(p: argparse.ArgumentParser, seed_help: str = "engine random 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m",
                    help="bundled model name, .gguf file or Hugging Face folder (default smollm2-135m)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default float32)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (default auto: bfloat16 where the CPU has native bf16 or on CUDA, else float32)")
+    g.add_argument("--quantization", default=None, choices=["none", "int8", "int4", "auto"],
+                   help="keep the weights quantized: int8 (per channel), int4 (group 32), auto (the GGUF file's own type)")
+    g.add_argument("--recalibrate", action="store_true", help="time the linear kernels again (ignore the cached choice)")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g.add_argument("--seed", type=int, default=0, help=seed_help)
 
@@ -92,7 +95,17 @@ def _sampling_params(args):
 
 def _make_llm(args):
     from kvflow.llm import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, **_engine_options(args))
+    _print_dtype_choice(args)
+    return LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
+               recalibrate=args.recalibrate, **_engine_options(args))
+
+
+def _print_dtype_choice(args) -> None:
+    """dtype auto: say what it became (once, on stderr)."""
+    if args.dtype == "auto":
+        from kvflow.config import resolve_auto_dtype
+        dtype, why = resolve_auto_dtype(args.device)
+        print(f"kvflow: dtype auto -> {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
 
 
 # ---------------- generate ----------------
@@ -254,8 +267,10 @@ def cmd_bench_throughput(args) -> int:
         backend=args.backend, dataset=args.dataset, model=args.model, dtype=args.dtype, device=args.device,
         seed=args.seed, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
         dataset_path=args.dataset_path, hf_batch_size=args.hf_batch_size, matmul_seconds=args.matmul_seconds,
+        quantization=args.quantization, recalibrate=args.recalibrate,
         warmup=not args.no_warmup, use_tqdm=not args.disable_tqdm, engine_options=_engine_options(args))
     cfg.validate()
+    _print_dtype_choice(args)
     res = run_throughput(cfg)
     print(format_result(res))
     if args.json:

@@ -41,11 +41,19 @@ def direct_int4(data: np.ndarray, type_name: str, n: int, k: int) -> QuantizedTe
     return QuantizedTensor("int4", q.contiguous(), d, zero, INT4_GROUP)
 
 
+_CHUNK_ROWS = 4096  # rows dequantized at once: bounds the float temporaries (the embedding is 49k rows)
+
+
 def convert(tensor, kind: str, dequantize) -> QuantizedTensor:
-    """One GGUF tensor (a gguf ReaderTensor) -> QuantizedTensor of `kind`. `dequantize(tensor)`
-    gives its float32 values [n, k] when the raw blocks do not map onto `kind`."""
+    """One GGUF tensor (a gguf ReaderTensor) -> QuantizedTensor of `kind`. `dequantize(raw rows, type)`
+    gives float32 values [rows, k] when the raw blocks do not map onto `kind`; it is applied a chunk
+    of rows at a time (each row is quantized on its own, so chunks give the same result)."""
     type_name = tensor.tensor_type.name
     k, n = (int(d) for d in tensor.shape[:2])
     if kind == "int4" and type_name in _Q4_BLOCK and k % 32 == 0:
         return direct_int4(tensor.data, type_name, n, k)
-    return quantize(torch.from_numpy(np.asarray(dequantize(tensor), dtype=np.float32)), kind)
+    data = tensor.data.reshape(n, -1)
+    parts = [quantize(torch.from_numpy(np.asarray(dequantize(data[r:r + _CHUNK_ROWS], tensor.tensor_type),
+                                                  dtype=np.float32).reshape(-1, k)), kind)
+             for r in range(0, n, _CHUNK_ROWS)]
+    return parts[0] if len(parts) == 1 else QuantizedTensor.cat(parts)

@@ -148,7 +148,7 @@ def _read_gguf(reader, path: Path, quantization: str = "none") -> tuple[ModelCon
         name = _hf_name(t.name, path) if t.name != "rope_freqs.weight" else t.name
         kind = gguf_quant.wanted_kind(quantization, t.tensor_type.name) if _is_quantizable(name) else "none"
         if kind != "none":
-            state[name] = gguf_quant.convert(t, kind, dequantize)
+            state[name] = gguf_quant.convert(t, kind, quants.dequantize)
             continue
         if quantization == "auto" and _is_quantizable(name) and t.tensor_type.name not in ("F32", "F16", "BF16"):
             dequantized_types.add(t.tensor_type.name)

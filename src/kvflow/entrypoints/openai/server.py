@@ -590,7 +590,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine options, named as in vLLM. Unset ones keep EngineConfig's defaults."""
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default="smollm2-135m", help="bundled model name, .gguf file or Hugging Face folder")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 where the CPU has native bf16 or on CUDA, else float32")
+    g.add_argument("--quantization", default=None, choices=["none", "int8", "int4", "auto"],
+                   help="keep the weights quantized: int8, int4, auto (the GGUF file's own type)")
+    g.add_argument("--recalibrate", action="store_true", help="time the linear kernels again")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per batch (default 64)")
@@ -633,7 +637,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         if value is not None:
             setattr(target, attr, value)
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, cache=cache,
-                          scheduler=sched)
+                          scheduler=sched, quantization=getattr(args, "quantization", None),
+                          recalibrate=getattr(args, "recalibrate", False))
     spec = getattr(args, "speculative_config", None)
     if spec is not None:
         if not hasattr(config, "speculative_config"):
