@@ -39,14 +39,14 @@ def _shared_weights():
     real_load = llm_engine.load_model
     cache: dict = {}
 
-    def load_once(model, dtype, device, max_positions=None):
+    def load_once(model, dtype, device, max_positions=None, **kwargs):
         if model != MODEL:
-            return real_load(model, dtype, device, max_positions=max_positions)
-        key = (model, dtype, str(device))
+            return real_load(model, dtype, device, max_positions=max_positions, **kwargs)
+        key = (model, dtype, str(device), tuple(sorted(kwargs.items())))
         loaded = cache.get(key)
         # A copy loaded for longer contexts serves shorter ones (the engine clamps max_model_len).
         if loaded is None or (max_positions or 0) > loaded.config.max_position_embeddings:
-            loaded = cache[key] = real_load(model, dtype, device, max_positions=max_positions)
+            loaded = cache[key] = real_load(model, dtype, device, max_positions=max_positions, **kwargs)
         return loaded
 
     mp = pytest.MonkeyPatch()
@@ -68,7 +68,7 @@ def make_llm(_shared_weights):
         opts = {**DEFAULT_OPTIONS, **options}
         key = tuple(sorted(opts.items()))
         if key not in _LLMS:
-            _LLMS[key] = LLM(model=MODEL, dtype="float32", **opts)
+            _LLMS[key] = LLM(model=MODEL, **{"dtype": "float32", **opts})  # float32 unless a test names another
         return _LLMS[key]
 
     yield make
