@@ -147,13 +147,15 @@ def calibrate(model: torch.nn.Module, recalibrate: bool = False) -> dict[str, li
     entries = data.setdefault("layers", {})
     dirty, t0 = False, time.perf_counter()
     chosen = {}
+    dtype = _compute_dtype(model)
     for sig, layers in groups.items():
         first = layers[0]
-        dtype = _compute_dtype(model)
         sig_key = f"{sig}:{str(dtype).removeprefix('torch.')}"
         kind = first.kernel_kind()
         if kind in forced:
             names = [_forced_name(first, rows, forced[kind]) for rows in ROW_BUCKETS]
+        elif all(len(first.kernel_methods(rows)) == 1 for rows in ROW_BUCKETS):  # nothing to choose
+            names = [next(iter(first.kernel_methods(rows))) for rows in ROW_BUCKETS]
         else:
             entry = entries.get(sig_key)
             available = [sorted(first.kernel_methods(rows)) for rows in ROW_BUCKETS]
