@@ -95,13 +95,14 @@ def _sampling_params(args):
 
 def _make_llm(args):
     from kvflow.llm import LLM
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
+              recalibrate=args.recalibrate, **_engine_options(args))
     _print_dtype_choice(args)
-    return LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
-               recalibrate=args.recalibrate, **_engine_options(args))
+    return llm
 
 
 def _print_dtype_choice(args) -> None:
-    """dtype auto: say what it became (once, on stderr)."""
+    """dtype auto: say what it became (once, on stderr, once the model has loaded)."""
     if args.dtype == "auto":
         from kvflow.config import resolve_auto_dtype
         dtype, why = resolve_auto_dtype(args.device)
@@ -270,8 +271,7 @@ def cmd_bench_throughput(args) -> int:
         quantization=args.quantization, recalibrate=args.recalibrate,
         warmup=not args.no_warmup, use_tqdm=not args.disable_tqdm, engine_options=_engine_options(args))
     cfg.validate()
-    _print_dtype_choice(args)
-    res = run_throughput(cfg)
+    res = run_throughput(cfg)  # (its summary names the dtype dtype="auto" became)
     print(format_result(res))
     if args.json:
         write_json(res, args.json)
