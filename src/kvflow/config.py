@@ -9,20 +9,46 @@ from kvflow.errors import ConfigError
 
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "int8")
-_KV_ALIASES = {"fp8_e4m3": "fp8", "float": "float32", "bf16": "bfloat16"}  # kept equal to layers.attention's
-LOAD_FORMATS = ("auto", "dummy")
-ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "int8")
 _KV_ALIASES = {"fp8_e4m3": "fp8", "float": "float32", "bf16": "bfloat16"}
+LOAD_FORMATS = ("auto", "dummy")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+DTYPE_CHOICES = ("auto", *_DTYPES)
+# Weight formats kept in memory: int8 (per-output-channel, W8A8 / W8A16 kernels), int4 (group-wise),
+# "auto" = the GGUF file's own type per tensor (Q8_0 -> int8, Q4_x -> int4, float -> none).
+QUANTIZATION_CHOICES = ("none", "int8", "int4", "auto")
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    """A dtype name (or "auto", see resolve_auto_dtype) -> torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return resolve_auto_dtype(device)[0]
     if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def resolve_auto_dtype(device: str = "cpu") -> tuple[torch.dtype, str]:
+    """dtype="auto": bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 / AMX), else
+    float32 (emulated bf16 matmuls are slower than float32 ones). Returns (dtype, why)."""
+    from kvflow.cpu_info import cpu_model_name, native_bf16_flags
+    if str(device).startswith("cuda"):
+        return torch.bfloat16, "CUDA device"
+    flags = native_bf16_flags()
+    if flags:
+        return torch.bfloat16, f"{cpu_model_name()} has {'/'.join(flags)}"
+    return torch.float32, f"{cpu_model_name()} has no native bfloat16"
+
+
+def parse_quantization(quantization: str | None) -> str:
+    """None/"none" -> "none"; otherwise one of QUANTIZATION_CHOICES."""
+    q = "none" if quantization is None else quantization
+    if q not in QUANTIZATION_CHOICES:
+        raise ConfigError(f"quantization must be one of {list(QUANTIZATION_CHOICES)} (or None), got {quantization!r}")
+    return q
 
 
 @dataclass
@@ -81,9 +107,14 @@ class SchedulerConfig:
 @dataclass
 class EngineConfig:
     model: str = _opt("smollm2-135m", "bundled model name, .gguf file or Hugging Face folder")
-    dtype: str = _opt("float32", "compute dtype", choices=sorted(_DTYPES))
+    dtype: str = _opt("auto", "compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 "
+                              "(avx512_bf16 / AMX), else float32", choices=list(DTYPE_CHOICES))
     device: str = _opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     seed: int = _opt(0, "engine random seed")
+    quantization: str | None = _opt(None, "weights kept quantized in memory: int8 (per channel; W8A8 / W8A16), "
+                                          "int4 (group-wise), auto (the GGUF file's own type), none",
+                                    type=str, choices=list(QUANTIZATION_CHOICES))
+    recalibrate: bool = _opt(False, "time the linear kernels again instead of reading the cached choice")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: object = _opt(None, 'speculative decoding as JSON, e.g. \'{"method": "ngram", '
@@ -93,7 +124,7 @@ class EngineConfig:
                                           "(also the environment variable KVFLOW_ATTENTION_BACKEND)",
                                   choices=list(ATTENTION_BACKENDS))
     load_format: str = _opt("auto", "dummy: random weights from the model folder's config.json (benchmarks "
-                                    "without weights)", choices=["auto", "dummy"])
+                                    "without weights)", choices=list(LOAD_FORMATS))
     enforce_eager: bool = _opt(False, "never capture CUDA graphs (they replay decode-only steps on CUDA)")
 
     @classmethod
@@ -109,12 +140,10 @@ class EngineConfig:
         return config
 
     def validate(self) -> None:
-        parse_dtype(self.dtype)
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
-                              f"got {self.attention_backend!r}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ConfigError(f"load_format must be one of auto, dummy; got {self.load_format!r}")
+        parse_dtype(self.dtype, self.device)
+        if parse_quantization(self.quantization) != "none" and not str(self.device).startswith("cpu"):
+            raise ConfigError(f"quantization={self.quantization!r} has CPU kernels only; on {self.device} "
+                              f"use quantization='none' (choices {list(QUANTIZATION_CHOICES)})")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
                               f"got {self.attention_backend!r}")

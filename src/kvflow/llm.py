@@ -15,7 +15,12 @@ logger = logging.getLogger(__name__)
 
 
 class LLM:
-    """`LLM(model="smollm2-135m", dtype="float32", device="cpu", max_num_seqs=64, ...)`.
+    """`LLM(model="smollm2-135m", dtype="auto", device="cpu", max_num_seqs=64, ...)`.
+
+    dtype: "auto" (bfloat16 on CUDA and on CPUs with native bf16, else float32), "float32",
+    "bfloat16", "float16". quantization: None | "int8" | "int4" | "auto" (the GGUF file's own
+    type): weights stay quantized in memory. recalibrate: time the linear kernels again instead of
+    using the cached choice (see kvflow.layers.kernel_choice).
 
     Options follow vLLM's names and are the fields of kvflow.config's EngineConfig, CacheConfig and
     SchedulerConfig (the same as the command line's flags): block_size, num_gpu_blocks,
@@ -23,7 +28,7 @@ class LLM:
     speculative_config ({"method": "ngram" | "recycle" | "draft", "num_speculative_tokens": K | "auto", ...}).
     """
 
-    def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "cpu",
                  seed: int = 0, speculative_config: dict | str | None = None, **options):
         config = EngineConfig.from_options(model=model, dtype=dtype, device=device, seed=seed,
                                            speculative_config=speculative_config, **options)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import EngineConfig
+from kvflow.config import EngineConfig, resolve_auto_dtype
 from kvflow.core.detokenizer import IncrementalDetokenizer
 from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request, RequestStatus
@@ -42,6 +42,10 @@ class LLMEngine:
         config.validate()
         self.config = config
         torch.manual_seed(config.seed)
+        if config.dtype == "auto":  # resolved once: everything downstream sees the concrete dtype
+            resolved, why = resolve_auto_dtype(config.device)
+            config.dtype = str(resolved).removeprefix("torch.")
+            logger.info("dtype auto -> %s (%s)", config.dtype, why)
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.tokenizer, self.eos_token_ids, self.model_path = (self.runner.tokenizer, self.runner.eos_token_ids,

@@ -58,7 +58,10 @@ def _sampling_params(args):
 
 def _make_llm(args):
     from kvflow.llm import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
+    if args.dtype == "auto":  # say what it became, once the model has loaded (an error stays one line)
+        print(f"kvflow: dtype auto -> {llm.engine.config.dtype}", file=sys.stderr)
+    return llm
 
 
 # ---------------- generate ----------------
@@ -216,13 +219,15 @@ def cmd_chat(args) -> int:
 # ---------------- bench ----------------
 def cmd_bench_throughput(args) -> int:
     from kvflow.bench.throughput import ThroughputConfig, format_result, run_throughput, write_json
+    options = engine_options(args)
     cfg = ThroughputConfig(
         backend=args.backend, dataset=args.dataset, model=args.model, dtype=args.dtype, device=args.device,
         seed=args.seed, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
         dataset_path=args.dataset_path, hf_batch_size=args.hf_batch_size, matmul_seconds=args.matmul_seconds,
-        warmup=not args.no_warmup, use_tqdm=not args.disable_tqdm, engine_options=engine_options(args))
+        warmup=not args.no_warmup, use_tqdm=not args.disable_tqdm, quantization=options.pop("quantization", None),
+        recalibrate=options.pop("recalibrate", False), engine_options=options)
     cfg.validate()
-    res = run_throughput(cfg)
+    res = run_throughput(cfg)  # (its summary names the dtype dtype="auto" became)
     print(format_result(res))
     if args.json:
         write_json(res, args.json)

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from kvflow.config import ModelConfig
+from kvflow.layers.activation import silu_and_mul
 from kvflow.layers.attention import AttentionMetadata, paged_attention
 from kvflow.layers.linear import Linear
 from kvflow.layers.norm import RMSNorm
-from kvflow.layers.activation import silu_and_mul
+from kvflow.layers.quantized_linear import QuantizedTensor, cat_rows, install_quantized
 from kvflow.layers.rotary import RotaryEmbedding, apply_rotary, rotate_heads
 
 
@@ -138,11 +139,14 @@ class LlamaForCausalLM(nn.Module):
             for kind in ("weight", "bias"):
                 parts = [state.pop(f"{p}self_attn.{n}_proj.{kind}", None) for n in "qkv"]
                 if parts[0] is not None:
-                    state[f"{p}self_attn.qkv_proj.{kind}"] = torch.cat(parts, dim=0)
-            state[f"{p}mlp.gate_up_proj.weight"] = torch.cat(
-                [state.pop(f"{p}mlp.gate_proj.weight"), state.pop(f"{p}mlp.up_proj.weight")], dim=0)
+                    state[f"{p}self_attn.qkv_proj.{kind}"] = cat_rows(parts)
+            state[f"{p}mlp.gate_up_proj.weight"] = cat_rows(
+                [state.pop(f"{p}mlp.gate_proj.weight"), state.pop(f"{p}mlp.up_proj.weight")])
         state = {k: v for k, v in state.items() if "rotary_emb" not in k}
+        quantized = {k: state.pop(k) for k in list(state) if isinstance(state[k], QuantizedTensor)}
         missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not m.startswith("rotary.")]
+        missing = [m for m in missing if not m.startswith("rotary.") and m not in quantized]
+        if quantized:
+            install_quantized(self, quantized, self.norm.weight.dtype)
         if missing or unexpected:
             raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import EngineConfig, ModelConfig, parse_dtype
+from kvflow.config import EngineConfig, ModelConfig, parse_dtype, parse_quantization
 from kvflow.core.request import Request
 from kvflow.core.scheduler import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from kvflow.errors import ConfigError
-from kvflow.layers import kv_quant
+from kvflow.layers import kernel_choice, kv_quant
 from kvflow.layers.attention import AttentionGroup, AttentionMetadata, resolve_backend
 from kvflow.layers.kv_quant import LayerKVCache
 from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
@@ -123,8 +123,11 @@ class ModelRunner:
         self.dtype = parse_dtype(config.dtype)
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
+        quant = parse_quantization(config.quantization)
+        extra = {"quantization": quant} if quant != "none" else {}
         loaded = load_model(model or config.model, self.dtype, config.device,
-                            max_positions=config.scheduler.max_model_len, load_format=config.load_format)
+                            max_positions=config.scheduler.max_model_len, load_format=config.load_format, **extra)
+        kernel_choice.calibrate(loaded.model, recalibrate=config.recalibrate)
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer, self.eos_token_ids, self.model_path = loaded.tokenizer, loaded.eos_token_ids, loaded.path
