@@ -108,8 +108,8 @@ class LlamaForCausalLM(nn.Module):
         """Make the measured C-vs-torch choices of the fused ops (layers/op_select.py) for every
         row class up to max_rows now, at start-up, rather than inside the first request of each size."""
         layer, cfg = self.layers[0], self.config
-        dtype = self.embed_tokens.weight.dtype
-        if self.embed_tokens.weight.device.type != "cpu":
+        dtype = self.norm.weight.dtype  # the compute dtype (embeddings may be stored quantized)
+        if self.norm.weight.device.type != "cpu":
             return
         attn = layer.self_attn
         rows = 1
