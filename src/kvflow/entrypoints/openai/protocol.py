@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvflow.errors import InvalidRequestError
 from kvflow.outputs import TokenLogprob
@@ -19,6 +19,14 @@ from kvflow.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # choices per prompt (OpenAI's limit)
 MAX_LOGIT_BIAS = 100.0
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take " 5" and "٣"
+
+# Schemas of the fields typed Any (checked by hand for clearer messages), for the OpenAPI document.
+_STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+_PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                            _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}
 
 
 class _Strict(BaseModel):
@@ -38,7 +46,7 @@ class _SamplingRequest(_Strict):
     top_p: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Any = None  # str | list[str]; SamplingParams checks it and names the field
+    stop: Any = Field(None, json_schema_extra=_STOP_SCHEMA)  # SamplingParams checks it and names the field
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -73,13 +81,13 @@ class _SamplingRequest(_Strict):
         n = 1 if self.n is None else self.n
         if not 1 <= n <= MAX_N:
             raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {n}")
-        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63) - MAX_N:
+        if self.seed is not None and not _INT64[0] <= self.seed <= _INT64[1]:
             raise InvalidRequestError(f"seed must be a 64-bit signed integer, got {self.seed}")
         bias = None
         if self.logit_bias:
             bias = {}
             for key, value in self.logit_bias.items():
-                if not re.fullmatch(r"-?\d+", key.strip()):
+                if not _TOKEN_ID_KEY.fullmatch(key):
                     raise InvalidRequestError(f"logit_bias keys must be token ids (integers as strings), got {key!r}")
                 tid = int(key)
                 if vocab_size is not None and not 0 <= tid < vocab_size:
@@ -104,7 +112,7 @@ class _SamplingRequest(_Strict):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Any = None  # str | list[str] | list[int] | list[list[int]], checked in prompts()
+    prompt: Any = Field(None, json_schema_extra=_PROMPT_SCHEMA)  # checked in prompts(), for clearer messages
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool | None = False
     logprobs: int | None = None
@@ -163,6 +171,29 @@ class ChatMessage(_Strict):
 _ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
+def check_messages(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+    """The rule chat and /tokenize share: at least one message, each with a known role."""
+    if messages is None:
+        return None
+    if not messages:
+        raise ValueError("messages must hold at least one message")
+    for m in messages:
+        if m.role not in _ROLES:
+            raise ValueError(f"role must be one of {sorted(_ROLES)}, got {m.role!r}")
+    return messages
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template takes them (developer is a system message to it)."""
+    out = []
+    for m in messages:
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -192,23 +223,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @field_validator("messages")
     @classmethod
-    def _check_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if not messages:
-            raise ValueError("messages must hold at least one message")
-        for m in messages:
-            if m.role not in _ROLES:
-                raise ValueError(f"role must be one of {sorted(_ROLES)}, got {m.role!r}")
-        return messages
+    def _check_messages(cls, messages):
+        return check_messages(messages)
 
     def template_messages(self) -> list[dict]:
-        out = []
-        for m in self.messages:
-            role = "system" if m.role == "developer" else m.role
-            msg = {"role": role, "content": m.text()}
-            if m.name is not None:
-                msg["name"] = m.name
-            out.append(msg)
-        return out
+        return template_messages(self.messages)
 
     def top_n_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -230,6 +249,11 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, messages):
+        return check_messages(messages)
 
 
 class DetokenizeRequest(_Strict):
@@ -303,3 +327,126 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, TokenLogprob]], 
         })
     return {"content": content}
 
+
+
+# ---------------- response models: what the OpenAPI document declares (responses are built as dicts) ----------------
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Out):
+    error: ErrorDetail
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    logprob: float | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TokenizeResponse(_Out):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Out):
+    prompt: str
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthResponse(_Out):
+    status: str
+
+
+class VersionResponse(_Out):
+    version: str
