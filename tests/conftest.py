@@ -34,7 +34,7 @@ def _model_available() -> bool:
 @pytest.fixture(scope="session")
 def _shared_weights():
     """Patch the engine's loader so the bundled model is read from disk once per session."""
-    import kvflow.engine.llm_engine as llm_engine
+    import kvflow.worker.model_runner as llm_engine
 
     real_load = llm_engine.load_model
     cache: dict = {}

@@ -176,6 +176,17 @@ def assert_all_blocks_free(llm) -> None:
     assert not held, f"blocks in the free queue still have references: {held[:20]}"
 
 
+def merge_outputs(outputs) -> dict:
+    """The engine's delta outputs merged per request, as LLM.generate returns them."""
+    merged = {}
+    for o in outputs:
+        if o.request_id in merged:
+            merged[o.request_id].add(o)
+        else:
+            merged[o.request_id] = o
+    return merged
+
+
 def abort_all(llm) -> None:
     for rid in list(llm.engine.parents):
         llm.engine.abort(rid)

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from engine_helpers import (EOS_ID, LONG_TEXT, PARAGRAPHS, assert_all_blocks_free, expected_text,
+from engine_helpers import (EOS_ID, LONG_TEXT, PARAGRAPHS, assert_all_blocks_free, merge_outputs, expected_text,
                             greedy_mismatch, hf_greedy, hf_logprobs)
 from kvflow import SamplingParams
 
@@ -211,10 +211,10 @@ def test_n2_siblings_share_prompt_blocks(llm, tokenizer):
     assert pool.stats.hits == hits + full * bs
     while engine.has_unfinished_requests():
         outputs += engine.step()
-    final = [o for o in outputs if o.request_id == "siblings" and o.finished]
-    assert len(final) == 1 and len(final[0].outputs) == 2
-    assert [c.index for c in final[0].outputs] == [0, 1]
-    assert all(len(c.token_ids) == 6 or c.finish_reason == "stop" for c in final[0].outputs)
+    assert len([o for o in outputs if o.request_id == "siblings" and o.finished]) == 1
+    final = merge_outputs(outputs)["siblings"]
+    assert final.finished and [c.index for c in final.outputs] == [0, 1]
+    assert all(len(c.token_ids) == 6 or c.finish_reason == "stop" for c in final.outputs)
     assert_all_blocks_free(llm)
 
 

@@ -6,34 +6,44 @@ from __future__ import annotations
 
 import pytest
 
-from engine_helpers import LONG_TEXT, abort_all, assert_all_blocks_free
+from engine_helpers import LONG_TEXT, abort_all, assert_all_blocks_free, merge_outputs
 from kvflow import SamplingParams
 from kvflow.config import SchedulerConfig
-from kvflow.engine.detokenizer import IncrementalDetokenizer
-from kvflow.engine.kv_cache import BlockPool
-from kvflow.engine.request import Request, RequestStatus
-from kvflow.engine.scheduler import Scheduler
+from kvflow.core.detokenizer import IncrementalDetokenizer
+from kvflow.core.kv_cache import BlockPool
+from kvflow.core.request import Request, RequestStatus
+from kvflow.core.scheduler import ModelRunnerOutput, SampledTokens, Scheduler
 
 
 def make_request(rid, tokens, arrival=0.0, priority=0, **params):
-    return Request(rid, list(tokens), SamplingParams(**params), arrival, priority=priority)
+    return Request(rid, list(tokens), SamplingParams(**{"max_tokens": None, **params}), arrival, priority=priority)
 
 
 # ---------------- BlockPool ----------------
-def test_allocate_release_and_ref_counts():
+def test_allocate_slots_trim_free_and_ref_counts():
     pool = BlockPool(num_blocks=8, block_size=4)
     assert pool.num_free_blocks == 8 and pool.usage == 0.0
-    a = pool.allocate(3)
-    assert len(a) == len(set(a)) == 3 and pool.num_free_blocks == 5
-    assert all(pool.blocks[i].ref_count == 1 for i in a)
-    assert pool.allocate(6) is None and pool.num_free_blocks == 5  # all or nothing
-    pool.touch([pool.blocks[a[0]]])  # a second owner
-    pool.release(a)
-    assert pool.blocks[a[0]].ref_count == 1 and pool.num_free_blocks == 7
-    pool.release([a[0]])
-    assert pool.num_free_blocks == 8 and all(b.ref_count == 0 for b in pool.blocks)
+    a = make_request("a", range(10))
+    assert pool.allocate_slots(a, 10)
+    assert len(a.block_ids) == len(set(a.block_ids)) == 3 and pool.num_free_blocks == 5
+    assert all(pool.blocks[i].ref_count == 1 for i in a.block_ids)
+    assert not pool.allocate_slots(a, 40) and len(a.block_ids) == 3 and pool.num_free_blocks == 5  # all or nothing
+    assert pool.allocate_slots(a, 14) and len(a.block_ids) == 4  # growth appends
+    pool.trim(a)  # 10 tokens need 3 blocks: the fourth goes back
+    assert len(a.block_ids) == 3 and pool.num_free_blocks == 5
+    pool.cache_full_blocks(a, 10)
+    b = make_request("b", [*range(8), 99, 98])
+    hits = pool.find_cached_prefix(b)
+    assert pool.allocate_slots(b, 10, hits)  # a second owner of a's first two blocks
+    assert b.block_ids[:2] == a.block_ids[:2] and pool.blocks[a.block_ids[0]].ref_count == 2
+    first = a.block_ids[0]
+    pool.free(a)
+    assert pool.blocks[first].ref_count == 1 and pool.num_free_blocks == 5 and a.block_ids == []
+    pool.free(b)
+    assert pool.num_free_blocks == 8 and all(blk.ref_count == 0 for blk in pool.blocks)
+    b.block_ids = [first]
     with pytest.raises(AssertionError, match="freed twice"):
-        pool.release([a[0]])
+        pool.free(b)
     assert pool.blocks_needed(0) == 0 and pool.blocks_needed(1) == 1 and pool.blocks_needed(8) == 2
     assert pool.blocks_needed(9) == 3
 
@@ -41,7 +51,7 @@ def test_allocate_release_and_ref_counts():
 def _computed(pool, rid, tokens):
     """A request whose tokens all have KV in freshly allocated blocks, published to the cache."""
     req = make_request(rid, tokens)
-    req.block_ids = pool.allocate(pool.blocks_needed(len(tokens)))
+    assert pool.allocate_slots(req, len(tokens))
     req.num_computed_tokens = len(tokens)
     pool.cache_full_blocks(req, len(tokens))
     return req
@@ -91,19 +101,19 @@ def test_freed_cached_blocks_stay_findable_and_are_evicted_lru_tail_first():
     prompt = make_request("b", range(9))
     assert [b.block_id for b in pool.find_cached_prefix(prompt)] == [first, second]
 
-    # Reusing a free cached block takes it out of the free queue; the allocation cannot evict it.
+    # Reusing free cached blocks takes them out of the free queue; the allocation cannot evict them,
+    # and a failed allocation gives the hits back.
     hits = pool.find_cached_prefix(prompt)
-    pool.touch(hits)
-    assert pool.num_free_blocks == 2 and pool.allocate(3) is None
-    pool.release([h.block_id for h in reversed(hits)])
+    assert not pool.allocate_slots(prompt, 5 * 4, hits)
+    assert pool.num_free_blocks == 4 and prompt.block_ids == []
 
     # Allocation takes never-used blocks, then the tail of the freed prompt, then its head.
-    pool.allocate(2)  # the never-used block and the uncached tail block
+    assert pool.allocate_slots(make_request("x", range(8)), 8)  # the never-used block and the uncached tail
     assert len(pool.cached) == 2
-    pool.allocate(1)  # evicts the second block of the prompt
+    assert pool.allocate_slots(make_request("y", range(4)), 4)  # evicts the second block of the prompt
     assert len(pool.cached) == 1 and pool.blocks[second].block_hash is None
     assert [b.block_id for b in pool.find_cached_prefix(prompt)] == [first]
-    pool.allocate(1)
+    assert pool.allocate_slots(make_request("z", range(4)), 4)
     assert not pool.cached and pool.find_cached_prefix(prompt) == []
 
 
@@ -116,13 +126,10 @@ def test_prefix_stats():
 
 # ---------------- Scheduler (without a model) ----------------
 def _advance(sched, out):
-    """What the engine does after a forward pass: count computed tokens, sample one token for each
-    request that reached the end of its tokens, publish full blocks."""
-    for s in out.scheduled:
-        s.request.num_computed_tokens = s.start + s.num_new_tokens
-        if s.samples:
-            s.request.append_token(7)
-    sched.update_after_step(out.scheduled)
+    """What the engine does after a forward pass: the model "samples" token 7 for each request that
+    reached the end of its tokens, and the scheduler applies it."""
+    sampled = {s.request.request_id: SampledTokens([7], [0.0]) for s in out.scheduled if s.samples}
+    return sched.update_from_output(out, ModelRunnerOutput(sampled))
 
 
 def test_scheduler_chunks_prompts_within_the_budget():
@@ -207,12 +214,12 @@ def test_long_prompt_is_chunked_while_decodes_keep_running(budget64, tokenizer, 
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     for i, prompt in enumerate(["The sky is", "def f(x):", "Paris is the capital of"]):
         engine.add_request(f"short{i}", prompt, params)
+    outputs = []
     while any(r.num_output_tokens == 0 for r in engine.scheduler.running + engine.scheduler.waiting):
-        engine.step()
+        outputs += engine.step()
     long_ids = tokenizer.encode("[chunking test] " + LONG_TEXT)  # not in the prefix cache yet
     engine.add_request("long", long_ids, SamplingParams(temperature=0.0, max_tokens=2))
     first = len(steps)
-    outputs = []
     while engine.has_unfinished_requests():
         outputs += engine.step()
 
@@ -228,7 +235,7 @@ def test_long_prompt_is_chunked_while_decodes_keep_running(budget64, tokenizer, 
     for i, _, _ in chunks:  # every decode kept running beside the prompt chunks
         others = {rid: n for rid, _, n in steps[first + i] if rid != "long"}
         assert others == {"short0": 1, "short1": 1, "short2": 1}, others
-    done = {o.request_id: o for o in outputs if o.finished}
+    done = merge_outputs(outputs)
     assert all(len(done[f"short{i}"].outputs[0].token_ids) == 24 for i in range(3))
     assert len(done["long"].outputs[0].token_ids) == 2
     assert_all_blocks_free(budget64)

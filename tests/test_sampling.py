@@ -95,10 +95,10 @@ def test_stop_string_spanning_tokens(llm, tokenizer, story):
     # Streaming: no partial output ever shows the stop string or text past it.
     engine = llm.engine
     engine.add_request("stream-stop", STORY, SamplingParams(temperature=0.0, max_tokens=32, stop=stop))
-    seen = []
+    seen = [""]
     while engine.has_unfinished_requests():
-        for o in engine.step():
-            seen.append(o.outputs[0].text)
+        for o in engine.step():  # deltas: what a streaming client would show is their sum
+            seen.append(seen[-1] + (o.outputs[0].text if o.outputs else ""))
     assert seen[-1] == text[:a]
     for partial in seen:
         assert stop not in partial and text[:a].startswith(partial), partial

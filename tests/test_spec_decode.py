@@ -29,7 +29,7 @@ from kvflow import SamplingParams
 from kvflow.errors import ConfigError, KvflowError
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.spec_decode.goodput import StepTimeModel, choose_k, expected_tokens
-from kvflow.spec_decode.verifier import accepted_prefix
+from kvflow.core.scheduler import accepted_prefix
 
 MAX_TOKENS = 24
 TIE_TOLERANCE = 2e-4  # kvflow vs kvflow: only the batch shape differs

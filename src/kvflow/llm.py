@@ -79,9 +79,12 @@ class LLM:
     def _run(self, results: dict[str, RequestOutput], total: int, use_tqdm: bool) -> None:
         bar = tqdm(total=total, desc="generating", unit="req", disable=not use_tqdm, initial=len(results))
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
+            for out in self.engine.step():  # deltas: merge each into what came before
+                if out.request_id in results:
+                    results[out.request_id].add(out)
+                else:
                     results[out.request_id] = out
+                if out.finished:
                     bar.update(1)
         bar.close()
 

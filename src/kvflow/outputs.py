@@ -1,4 +1,10 @@
-"""What the engine returns per request."""
+"""What the engine returns per request.
+
+Outputs are deltas (vLLM's RequestOutputKind.DELTA): each step's RequestOutput lists only the
+completions that changed, and each CompletionOutput holds only the text, token ids and logprobs
+that are new since that request's previous output (cumulative_logprob and finish_reason are
+current). `RequestOutput.add` merges a later delta into an earlier one; `LLM.generate` returns the
+merged whole."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,6 +44,16 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add(self, delta: CompletionOutput) -> None:
+        """Append a later delta of the same completion (in place: the engine never reuses its lists)."""
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = self.logprobs if self.logprobs is not None else []
+            self.logprobs.extend(delta.logprobs)
+        self.cumulative_logprob = delta.cumulative_logprob
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
 
 @dataclass
 class RequestOutput:
@@ -51,3 +67,17 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when this request was rejected; the others in a batch still run
     metrics_by_sample: list[RequestMetrics] = field(default_factory=list, repr=False)
+
+    def add(self, delta: RequestOutput) -> None:
+        """Merge a later delta of the same request into this one."""
+        mine = {c.index: c for c in self.outputs}
+        for c in delta.outputs:
+            if c.index in mine:
+                mine[c.index].add(c)
+            else:
+                self.outputs.append(c)
+        self.outputs.sort(key=lambda c: c.index)
+        self.finished = delta.finished
+        self.prompt_logprobs = self.prompt_logprobs if delta.prompt_logprobs is None else delta.prompt_logprobs
+        self.num_cached_tokens, self.metrics = delta.num_cached_tokens, delta.metrics
+        self.metrics_by_sample = delta.metrics_by_sample

@@ -165,12 +165,7 @@ def chat_prompts(llm, n: int, seed: int, max_prompt_tokens: int, dataset_path: s
 # ---------------- kvflow runs ----------------
 def _set_speculator(llm, spec) -> None:
     """Swap the engine's speculator (None: no speculation), with fresh statistics."""
-    from kvflow.spec_decode.config import SpeculativeConfig
-    from kvflow.spec_decode.speculator import Speculator
-    engine = llm.engine
-    assert not engine.has_unfinished_requests()
-    cfg = SpeculativeConfig.parse(spec)
-    engine.speculator = Speculator(cfg, engine) if cfg is not None and cfg.max_tokens > 0 else None
+    llm.engine.set_speculative_config(spec)
 
 
 def _spec_stats(llm) -> dict | None:

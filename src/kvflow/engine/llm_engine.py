@@ -1,5 +1,6 @@
-"""LLMEngine: add_request / step / abort. One step = schedule, one forward pass, sample, update.
-The offline LLM, the async server and a cluster instance all drive this same loop."""
+"""LLMEngine: add_request / step / abort. It builds the pieces (model runner, block pool,
+scheduler, speculator, output processor) and runs one step at a time; the offline LLM, the async
+server and a cluster instance all drive this same loop."""
 from __future__ import annotations
 
 import itertools
@@ -9,34 +10,31 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import EngineConfig, parse_dtype
-from kvflow.engine.detokenizer import IncrementalDetokenizer
-from kvflow.engine.kv_cache import BlockPool
-from kvflow.engine.request import Request
-from kvflow.engine.scheduler import Scheduler
+from kvflow.config import EngineConfig
+from kvflow.core.detokenizer import IncrementalDetokenizer
+from kvflow.core.kv_cache import BlockPool
+from kvflow.core.request import Request, RequestStatus
+from kvflow.core.scheduler import Scheduler
+from kvflow.engine.output_processor import OutputProcessor, ParentRequest
 from kvflow.errors import InvalidRequestError
-from kvflow.model.loader import load_model
-from kvflow.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.config import SpeculativeConfig
-from kvflow.spec_decode.speculator import Speculator
-from kvflow.spec_decode.verifier import accepted_prefix
-from kvflow.worker.model_runner import ModelRunner, StepResult
+from kvflow.spec_decode.speculator import Speculator, build_proposer
+from kvflow.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Parent:
-    """A user request: its n samples are n child Requests sharing the prompt."""
+class ExportedRequest:
+    """A request's whole state for another instance to continue it (see export_request)."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    children: list[Request]
-
-    @property
-    def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
+    children: list[dict]  # Request.export_state() of each sample
+    kv: list[torch.Tensor | None]  # per sample: the KV of its computed tokens' blocks (ModelRunner.read_kv)
+    sent: dict  # what the output processor already sent, so the deltas carry on where they stopped
 
 
 class LLMEngine:
@@ -44,37 +42,43 @@ class LLMEngine:
         config.validate()
         self.config = config
         torch.manual_seed(config.seed)
-        dtype = parse_dtype(config.dtype)
-        self.device = torch.device(config.device)
-        loaded = load_model(config.model, dtype, config.device, max_positions=config.scheduler.max_model_len)
-        self.model_config = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.eos_token_ids = loaded.eos_token_ids
-        self.model_path = loaded.path
+        self.runner = ModelRunner(config)
+        self.model_config = self.runner.model_config
+        self.tokenizer, self.eos_token_ids, self.model_path = (self.runner.tokenizer, self.runner.eos_token_ids,
+                                                               self.runner.model_path)
         sched_cfg = config.scheduler
-        sched_cfg.max_model_len = min(sched_cfg.max_model_len, loaded.config.max_position_embeddings)
-        num_blocks = self._num_blocks(dtype)
-        if num_blocks * config.cache.block_size < sched_cfg.max_model_len:
+        sched_cfg.max_model_len = min(sched_cfg.max_model_len, self.model_config.max_position_embeddings)
+        pool_tokens = self.runner.num_blocks * config.cache.block_size
+        if pool_tokens < sched_cfg.max_model_len:
             # Every admitted request must be able to finish alone, whatever else runs.
-            logger.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_blocks * config.cache.block_size,
-                           sched_cfg.max_model_len)
-            sched_cfg.max_model_len = num_blocks * config.cache.block_size
-        self.block_pool = BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+            logger.warning("KV pool holds %d tokens: max_model_len lowered from %d", pool_tokens, sched_cfg.max_model_len)
+            sched_cfg.max_model_len = pool_tokens
+        self.block_pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.block_pool)
-        self.runner = ModelRunner(loaded.model, config.cache, num_blocks, dtype, self.device)
-        spec = SpeculativeConfig.parse(config.speculative_config)
-        self.speculator = Speculator(spec, self) if spec is not None and spec.max_tokens > 0 else None
-        self.parents: dict[str, _Parent] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.speculator: Speculator | None = None
+        self.set_speculative_config(config.speculative_config)
         self._ids = itertools.count()
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
 
-    def _num_blocks(self, dtype: torch.dtype) -> int:
-        c = self.config.cache
-        if c.num_blocks is not None:
-            return c.num_blocks
-        per_block = ModelRunner.bytes_per_block(self.model_config, c.block_size, dtype)
-        return max(2, int(c.kv_cache_memory_gb * (1 << 30)) // per_block)
+    def set_speculative_config(self, value: SpeculativeConfig | dict | str | None) -> None:
+        """(Re)build the speculator, with fresh statistics; None turns speculation off. Only while idle."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("the speculative config can change only while no request is in flight")
+        spec = SpeculativeConfig.parse(value)
+        self.speculator = None
+        if spec is None or spec.max_tokens == 0:
+            return
+        draft_runner = None
+        if spec.draft_model is not None:  # built here, beside the target, on the target's block ids
+            draft_runner = ModelRunner(self.config, model=spec.draft_model, num_blocks=self.runner.num_blocks)
+        proposer = build_proposer(spec, self.runner, draft_runner, self.config.scheduler.max_model_len)
+        self.speculator = Speculator(spec, proposer, self.scheduler.reserve)
+
+    @property
+    def parents(self) -> dict[str, ParentRequest]:
+        return self.output_processor.parents
 
     # ---------------- requests ----------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -92,15 +96,15 @@ class LLMEngine:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         arrival = time.time() if arrival_time is None else arrival_time
-        children = []
+        children: list[Request] = []
         for i in range(params.n):
-            child = Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params, arrival,
-                            priority=priority, index=i, leader=children[0] if children else None,
-                            eos_token_ids=self.eos_token_ids)
-            child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
-                                                       params.stop_strings, params.include_stop_str_in_output)
-            children.append(child)
-        self.parents[request_id] = _Parent(request_id, text, token_ids, children)
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
+                                           params.stop_strings, params.include_stop_str_in_output)
+            children.append(Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params, arrival,
+                                    priority=priority, index=i, parent_id=request_id,
+                                    leader=children[0] if children else None, eos_token_ids=self.eos_token_ids,
+                                    detokenizer=detok))
+        self.output_processor.add(ParentRequest(request_id, text, token_ids, children))
         for child in children:
             self.scheduler.add(child)
         return request_id
@@ -129,7 +133,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. Returns False if it is unknown or already done."""
-        parent = self.parents.pop(request_id, None)
+        parent = self.output_processor.pop(request_id)
         if parent is None:
             return False
         for child in parent.children:
@@ -145,7 +149,18 @@ class LLMEngine:
 
     # ---------------- the step ----------------
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass; return outputs for every request that advanced or finished."""
+        """One engine step, always in this order:
+
+        1. Scheduler.schedule: running requests first (a decode token, their drafts, or the next
+           prompt chunk), then waiting prompts, under one token budget; KV slots are allocated
+           here (preempting the least important request when the pool is short).
+        2. ModelRunner.execute: one forward pass over the flat batch, then sampling.
+        3. Scheduler.update_from_output: advance num_computed_tokens, accept or roll back drafts,
+           append tokens, check stops, finish requests, trim and publish blocks.
+        4. Speculator: learn acceptance and step time, propose the next drafts, hand them to
+           Scheduler.set_draft_tokens.
+        5. OutputProcessor: one delta RequestOutput per request that advanced or finished.
+        """
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             # max_model_len fits the pool, so a lone request always fits: no progress is a bug.
@@ -154,104 +169,51 @@ class LLMEngine:
         started = time.perf_counter()
         result = self.runner.execute(sched)
         seconds = time.perf_counter() - started
-        self.num_prompt_tokens_total += sum(min(s.num_new_tokens, max(0, s.request.num_prompt_tokens - s.start))
-                                            for s in sched.scheduled)
-        for s in sched.scheduled:  # sampled requests are corrected below for rejected drafts
-            s.request.num_computed_tokens = s.start + s.num_new_tokens
-        touched = self._apply_result(result)
-        self.scheduler.update_after_step(sched.scheduled)
+        update = self.scheduler.update_from_output(sched, result)
+        self.num_prompt_tokens_total += update.num_prompt_tokens
+        self.num_generation_tokens_total += update.num_generated_tokens
         if self.speculator is not None:
-            self.speculator.observe_step(sched.num_tokens, seconds, result.sampled, result.sample_logits)
-            self.speculator.propose(self.scheduler)
-        return [self._output(p) for p in touched]
+            for req, num_drafts, num_accepted in update.verified:
+                self.speculator.record_verification(req, num_drafts, num_accepted)
+            self.speculator.observe_step(sched, seconds, result)
+            self.scheduler.set_draft_tokens(self.speculator.propose(self.scheduler))
+        return self.output_processor.make_outputs(update.touched)
 
-    def _apply_result(self, result: StepResult) -> list[_Parent]:
-        now = time.time()
-        touched: dict[str, _Parent] = {}
-        for req, first_pos, lps in result.prompt_logprobs:
-            self._add_prompt_logprobs(req, first_pos, lps)
-        out = result.sampler_output
-        row = 0
-        for s in result.sampled:
-            req, drafts = s.request, s.spec_token_ids
-            targets = out.token_ids[row:row + len(drafts) + 1]
-            accepted = accepted_prefix(drafts, targets)
-            req.num_computed_tokens -= len(drafts) - accepted  # rejected drafts' KV is not kept
-            req.draft_num_computed = min(req.draft_num_computed, req.num_computed_tokens)
-            if self.speculator is not None:
-                self.speculator.record_verification(req, len(drafts), accepted)
-            for j, token in enumerate(targets[:accepted + 1]):  # accepted drafts, then the target's own token
-                self._append(req, token, out, row + j, now)
-                if req.is_finished:
-                    break
-            row += len(drafts) + 1
-            parent_id = req.request_id.rsplit("#", 1)[0] if req.params.n > 1 else req.request_id
-            touched[parent_id] = self.parents[parent_id]
-        for parent_id, parent in touched.items():
-            if parent.finished:
-                del self.parents[parent_id]
-        return list(touched.values())
+    # ---------------- hand-over to another instance ----------------
+    def export_request(self, request_id: str) -> ExportedRequest:
+        """Take a request out of this engine with everything needed to continue it elsewhere: its
+        samples' state and the KV of their computed tokens. Its blocks here are freed."""
+        parent = self.output_processor.pop(request_id)
+        if parent is None:
+            raise InvalidRequestError(f"no unfinished request {request_id!r}")
+        states, kv = [], []
+        for child in parent.children:
+            computed = self.block_pool.blocks_needed(child.num_computed_tokens)
+            running = child.status == RequestStatus.RUNNING and computed > 0
+            kv.append(self.runner.read_kv(child.block_ids[:computed]) if running else None)
+            states.append(child.export_state())
+            if not child.is_finished:
+                self.scheduler.finish(child, "migrated")
+        sent = {"sent_tokens": parent.sent_tokens, "sent_text": parent.sent_text,
+                "sent_finished": parent.sent_finished, "sent_prompt_logprobs": parent.sent_prompt_logprobs}
+        return ExportedRequest(parent.request_id, parent.prompt, parent.prompt_token_ids, states, kv, sent)
 
-    def _append(self, req: Request, token: int, out, row: int, now: float) -> None:
-        req.append_token(token)
-        self.num_generation_tokens_total += 1
-        req.cumulative_logprob += out.logprobs[row]
-        if req.logprobs is not None:
-            req.logprobs.append(self._logprob_entry(out, row, token, req.params.logprobs))
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        req.metrics.last_token_time = now
-        self._check_stop(req, token)
-
-    def _check_stop(self, req: Request, token: int) -> None:
-        p = req.params
-        stop_str = req.detokenizer.add_token(token)
-        if req.num_output_tokens >= p.min_tokens:
-            if token in (p.stop_token_ids or ()):
-                return self.scheduler.finish(req, "stop", token)
-            if not p.ignore_eos and token in req.eos_token_ids:
-                return self.scheduler.finish(req, "stop", None)
-            if stop_str is not None:
-                return self.scheduler.finish(req, "stop", stop_str)
-        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
-            return self.scheduler.finish(req, "length")
-        if req.num_tokens >= self.config.scheduler.max_model_len:
-            return self.scheduler.finish(req, "length")
-
-    def _logprob_entry(self, out, row: int, token: int, n_top: int) -> dict[int, TokenLogprob]:
-        """The sampled token's logprob and rank, plus this request's top-n_top alternatives."""
-        entry = {token: TokenLogprob(out.logprobs[row], out.sampled_ranks[row], self._token_text(token))}
-        if n_top:
-            ids, lps = out.top_ids[row, :n_top].tolist(), out.top_logprobs[row, :n_top].tolist()
-            for rank, (tid, lp) in enumerate(zip(ids, lps), 1):
-                entry.setdefault(tid, TokenLogprob(lp, rank, self._token_text(tid)))
-        return entry
-
-    def _add_prompt_logprobs(self, req: Request, first_pos: int, lps: torch.Tensor) -> None:
-        n_top = req.params.prompt_logprobs
-        targets = torch.tensor(req.prompt_token_ids[first_pos:first_pos + lps.shape[0]], device=lps.device)
-        chosen = lps.gather(1, targets[:, None]).squeeze(1)
-        ranks = (lps > chosen[:, None]).sum(dim=1) + 1
-        top_lp, top_ids = lps.topk(n_top, dim=-1) if n_top else (None, None)
-        for i, tid in enumerate(targets.tolist()):
-            entry = {tid: TokenLogprob(float(chosen[i]), int(ranks[i]), self._token_text(tid))}
-            if n_top:
-                for rank, (t, lp) in enumerate(zip(top_ids[i].tolist(), top_lp[i].tolist()), 1):
-                    entry.setdefault(t, TokenLogprob(lp, rank, self._token_text(t)))
-            req.prompt_logprobs.append(entry)
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _output(self, parent: _Parent) -> RequestOutput:
-        finished = parent.finished
-        outputs = []
-        for c in parent.children:
-            text = c.detokenizer.visible_text(c.is_finished)
-            logprobs = None if c.logprobs is None else list(c.logprobs)  # a snapshot: the engine keeps appending
-            outputs.append(CompletionOutput(c.index, text, list(c.output_token_ids), c.cumulative_logprob,
-                                            logprobs, c.finish_reason, c.stop_reason))
-        lead = parent.children[0]
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             prompt_logprobs=lead.prompt_logprobs, num_cached_tokens=lead.num_cached_tokens,
-                             metrics=lead.metrics, metrics_by_sample=[c.metrics for c in parent.children])
+    def import_request(self, exported: ExportedRequest) -> None:
+        """Continue a request exported by another engine with the same model. Raises
+        InvalidRequestError (and keeps nothing) if this engine has no room for it."""
+        if exported.request_id in self.parents:
+            raise InvalidRequestError(f"request_id {exported.request_id!r} is already in use")
+        children = [Request.from_state(state, self.tokenizer) for state in exported.children]
+        taken = []
+        for child, kv in zip(children, exported.kv):
+            if child.is_finished:
+                continue
+            if not self.scheduler.add_imported(child):
+                for c in taken:
+                    self.scheduler.finish(c, "abort")
+                raise InvalidRequestError(f"no room for request {exported.request_id!r} on this instance")
+            taken.append(child)
+            if child.status == RequestStatus.RUNNING:
+                self.runner.write_kv(child.block_ids, kv)
+        self.output_processor.add(ParentRequest(exported.request_id, exported.prompt, exported.prompt_token_ids,
+                                                children, **exported.sent))

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.engine.request import Request
 from kvflow.sampling_params import SamplingParams
 
 
 @dataclass
 class SamplingRow:
-    """What the sampler needs to know about one logits row. A request has one row per step, or
-    1 + K rows when K speculative tokens are verified; row i then sees the history extended by the
-    first i draft tokens, so penalties and min_tokens act exactly as without speculation."""
+    """What the sampler needs to know about one logits row (built by the ModelRunner from a
+    request). A request has one row per step, or 1 + K rows when K speculative tokens are verified;
+    row i then sees the history extended by the first i draft tokens, so penalties and min_tokens
+    act exactly as without speculation."""
     params: SamplingParams
     seed: int | None
     position: int  # which output token this row samples
@@ -29,15 +29,6 @@ class SamplingRow:
     all_token_ids: list[int]
     output_token_ids: list[int]
     under_min_tokens: bool
-
-    @classmethod
-    def for_request(cls, req: Request, drafts: list[int] = ()) -> "SamplingRow":
-        position = req.num_output_tokens + len(drafts)
-        if drafts and req.params.needs_penalties:
-            return cls(req.params, req.seed, position, req.eos_token_ids, req.all_token_ids + list(drafts),
-                       req.output_token_ids + list(drafts), position < req.params.min_tokens)
-        return cls(req.params, req.seed, position, req.eos_token_ids, req.all_token_ids, req.output_token_ids,
-                   position < req.params.min_tokens)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflow.engine.request import Request
+from kvflow.core.request import Request
 from kvflow.model.llama import LlamaForCausalLM
 from kvflow.worker.model_runner import build_batch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from kvflow.engine.request import Request
+from kvflow.core.request import Request
 
 
 class NgramProposer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflow.engine.request import Request
+from kvflow.core.request import Request
 
 
 class TokenRecyclingProposer:

@@ -1,19 +1,23 @@
 """Speculator: after each step, picks K and asks the proposer for each decoding request's drafts.
-The scheduler then schedules them as extra tokens of the request (vLLM v1's rule), and the engine
-verifies them against the target's draws from the same forward pass."""
+The engine hands them to Scheduler.set_draft_tokens; the scheduler schedules them as extra tokens
+of the request (vLLM v1's rule) and verifies them against the target's draws from the same pass.
+
+The speculator is handed what it needs: a proposer and a way to reserve KV slots (draft models
+write their KV ahead of verification). It reads the scheduler's queues and never writes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
-import torch
-
-from kvflow.engine.request import Request
-from kvflow.engine.scheduler import Scheduler
+from kvflow.core.request import Request
+from kvflow.core.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from kvflow.errors import ConfigError
 from kvflow.spec_decode.config import SpeculativeConfig
+from kvflow.spec_decode.draft import DraftProposer
 from kvflow.spec_decode.goodput import StepTimeModel, choose_k
 from kvflow.spec_decode.ngram import NgramProposer
 from kvflow.spec_decode.recycle import TokenRecyclingProposer
+from kvflow.worker.model_runner import ModelRunner
 
 _EMA = 0.3  # weight of the newest step in a request's acceptance-rate average
 
@@ -41,25 +45,26 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, engine):
+    def __init__(self, config: SpeculativeConfig, proposer, reserve: Callable[[Request, int], bool]):
         self.config = config
+        self.proposer = proposer
+        self.reserve = reserve  # own blocks for this many positions, all or nothing
         self.stats = SpecStats()
         self.step_time = StepTimeModel()
-        self.needs_blocks = False
-        if config.method == "ngram":
-            self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-        elif config.method == "recycle":
-            self.proposer = TokenRecyclingProposer(engine.model_config.vocab_size, config.recycle_topk)
-        else:
-            self.proposer = _build_draft(config, engine)
-            self.needs_blocks = True
+
+    @property
+    def needs_blocks(self) -> bool:
+        """Draft models compute KV for their drafts, so K is chosen before proposing."""
+        return isinstance(self.proposer, DraftProposer)
 
     # ---- after a step ----
-    def observe_step(self, num_tokens: int, seconds: float, sampled, sample_logits: torch.Tensor | None) -> None:
-        self.step_time.observe(num_tokens, seconds)
-        if isinstance(self.proposer, TokenRecyclingProposer) and sample_logits is not None:
-            inputs = [t for s in sampled for t in s.token_ids[-(len(s.spec_token_ids) + 1):]]
-            self.proposer.observe(inputs, sample_logits)
+    def observe_step(self, sched: SchedulerOutput, seconds: float, out: ModelRunnerOutput) -> None:
+        self.step_time.observe(sched.num_tokens, seconds)
+        if isinstance(self.proposer, TokenRecyclingProposer) and out.sample_logits is not None:
+            by_id = {s.request.request_id: s for s in sched.scheduled}
+            # the sampled rows, in the runner's order: each request's last known token, then its drafts
+            inputs = [t for rid in out.sampled for t in by_id[rid].token_ids[-(len(by_id[rid].spec_token_ids) + 1):]]
+            self.proposer.observe(inputs, out.sample_logits)
 
     def record_verification(self, req: Request, num_drafts: int, num_accepted: int) -> None:
         if not num_drafts:
@@ -71,10 +76,10 @@ class Speculator:
         self.stats.num_accepted += num_accepted
 
     # ---- before the next step ----
-    def propose(self, scheduler: Scheduler) -> None:
+    def propose(self, scheduler: Scheduler) -> dict[Request, list[int]]:
+        """Drafts for the next step, per decoding request."""
         decoding, base = [], 0
         for r in scheduler.running:
-            r.spec_token_ids = []
             if r.num_computed_tokens == r.num_tokens - 1:
                 decoding.append(r)
             else:
@@ -82,23 +87,22 @@ class Speculator:
         base += sum(r.num_tokens for r in scheduler.waiting)
         base = min(base, scheduler.config.max_num_batched_tokens) + len(decoding)
         if not decoding:
-            return
+            return {}
         limits = [self._room(r, scheduler) for r in decoding]
         max_k = self.config.max_tokens
         if self.needs_blocks:  # a draft model: choose K first, its drafts cost forward passes
             k = self._choose(decoding, [min(max_k, n) for n in limits], base, max_k)
-            ready = [r for r, n in zip(decoding, limits) if n >= k and scheduler.reserve(r, r.num_tokens + k - 1)]
+            ready = [r for r, n in zip(decoding, limits) if n >= k and self.reserve(r, r.num_tokens + k - 1)]
             drafts = self.proposer.propose(ready, k) if k else []
             decoding = ready
         else:
             drafts = self.proposer.propose(decoding, max_k)
             drafts = [d[:n] for d, n in zip(drafts, limits)]
             k = self._choose(decoding, [len(d) for d in drafts], base, max_k)
-        for r, d in zip(decoding, drafts):
-            r.spec_token_ids = d[:k]
         self.stats.num_steps += 1
         self.stats.sum_k += k
         self.stats.k_histogram[k] = self.stats.k_histogram.get(k, 0) + 1
+        return {r: d[:k] for r, d in zip(decoding, drafts) if k and d}
 
     def _choose(self, reqs: list[Request], draft_lens: list[int], base: int, max_k: int) -> int:
         if not self.config.auto:
@@ -114,31 +118,30 @@ class Speculator:
         return max(0, room)
 
 
-def _build_draft(config: SpeculativeConfig, engine):
-    from kvflow.config import parse_dtype
-    from kvflow.model.loader import load_model
-    from kvflow.spec_decode.draft import DraftProposer
-    from kvflow.worker.model_runner import allocate_kv_caches
-
-    runner = engine.runner
+def build_proposer(config: SpeculativeConfig, target: ModelRunner, draft: ModelRunner | None, max_model_len: int):
+    """The proposer a config names. `draft` is the draft model's runner (method "draft" with a draft_model)."""
+    if config.method == "ngram":
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    if config.method == "recycle":
+        return TokenRecyclingProposer(target.model_config.vocab_size, config.recycle_topk)
     if config.layer_skip is not None:
-        total = engine.model_config.num_layers
+        total = target.model_config.num_layers
         if config.layer_skip >= total:
             raise ConfigError(f"layer_skip must be below the target's {total} layers, got {config.layer_skip}")
-        return DraftProposer(runner.model, runner.kv_caches, config.layer_skip, runner.block_size,
-                             runner.device, shares_target_cache=True)
-    dtype = parse_dtype(engine.config.dtype)
-    max_len = engine.config.scheduler.max_model_len
-    draft = load_model(config.draft_model, dtype, engine.config.device, max_positions=max_len)
-    if draft.config.max_position_embeddings < max_len:
-        raise ConfigError(f"draft model {config.draft_model!r} has a context of {draft.config.max_position_embeddings} "
-                          f"tokens, below max_model_len {max_len}: pass max_model_len <= "
-                          f"{draft.config.max_position_embeddings}")
-    if draft.config.vocab_size != engine.model_config.vocab_size or draft.tokenizer.get_vocab() != engine.tokenizer.get_vocab():
-        raise ConfigError(f"draft model {config.draft_model!r} has a different vocabulary "
-                          f"({draft.config.vocab_size} tokens) from the target's ({engine.model_config.vocab_size}): "
-                          f"a draft must share the target's tokenizer")
-    # Same block ids as the target's pool: the draft's KV follows the target's block tables.
-    caches = allocate_kv_caches(draft.config, engine.block_pool.num_blocks, runner.block_size, dtype, runner.device)
-    return DraftProposer(draft.model, caches, draft.config.num_layers, runner.block_size, runner.device,
+        return DraftProposer(target.model, target.kv_caches, config.layer_skip, target.block_size, target.device,
+                             shares_target_cache=True)
+    _check_draft(config, target, draft, max_model_len)
+    return DraftProposer(draft.model, draft.kv_caches, draft.model_config.num_layers, draft.block_size, draft.device,
                          shares_target_cache=False)
+
+
+def _check_draft(config: SpeculativeConfig, target: ModelRunner, draft: ModelRunner, max_len: int) -> None:
+    draft_len = draft.model_config.max_position_embeddings
+    if draft_len < max_len:
+        raise ConfigError(f"draft model {config.draft_model!r} has a context of {draft_len} tokens, below "
+                          f"max_model_len {max_len}: pass max_model_len <= {draft_len}")
+    vocab = target.model_config.vocab_size
+    if draft.model_config.vocab_size != vocab or draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+        raise ConfigError(f"draft model {config.draft_model!r} has a different vocabulary "
+                          f"({draft.model_config.vocab_size} tokens) from the target's ({vocab}): "
+                          f"a draft must share the target's tokenizer")

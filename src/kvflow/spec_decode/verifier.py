@@ -5,19 +5,11 @@ greedy). A draft token is accepted while it equals the target's draw at its posi
 mismatch's draw is the bonus token. For deterministic drafts (prompt lookup, token recycling, greedy
 draft models) this *is* speculative sampling's rule: accepting d with probability min(1, p(d)/q(d))
 = p(d) and otherwise sampling from norm(max(0, p - q)) = p without d, so the output follows the
-target distribution exactly. `rejection_sample` is the general rule for drafts drawn from a
+target distribution exactly (core/scheduler.py's `accepted_prefix` applies it). `rejection_sample` is the general rule for drafts drawn from a
 distribution q."""
 from __future__ import annotations
 
 import torch
-
-
-def accepted_prefix(drafts: list[int], targets: list[int]) -> int:
-    """Number of leading drafts equal to the target's tokens at the same positions."""
-    a = 0
-    while a < len(drafts) and drafts[a] == targets[a]:
-        a += 1
-    return a
 
 
 def rejection_sample(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,

@@ -1,31 +1,28 @@
-"""ModelRunner: owns the model and the KV tensors; turns a SchedulerOutput into one forward pass
-over a flat batch of tokens, then samples.
+"""ModelRunner: loads the model, sizes and owns the KV tensors, and turns a SchedulerOutput into
+one forward pass over a flat batch of tokens, then samples (nano-vllm's ModelRunner).
 
 Batch layout: decodes (one new token each) first, then multi-token chunks (prompt chunks, or a last
 token plus speculative tokens), so the attention layer sees two groups. Positions, slot_mapping and
 block tables are built with vectorised ops from one (start, length) pair per request.
+
+What comes back is plain Python (ModelRunnerOutput): the core that applies it never touches torch.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import CacheConfig
-from kvflow.engine.request import Request
-from kvflow.engine.scheduler import ScheduledRequest, SchedulerOutput
+from kvflow.config import EngineConfig, ModelConfig, parse_dtype
+from kvflow.core.request import Request
+from kvflow.core.scheduler import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from kvflow.layers.attention import AttentionGroup, AttentionMetadata
 from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
-from kvflow.model.llama import LlamaForCausalLM
+from kvflow.model.loader import load_model
+from kvflow.outputs import Logprob, TokenLogprob
 
-
-@dataclass
-class StepResult:
-    sampled: list[ScheduledRequest]  # items that sample: each owns 1 + len(spec_token_ids) rows, in order
-    sampler_output: SamplerOutput | None
-    sample_logits: torch.Tensor | None  # [rows, V] raw logits of those rows (for proposers that learn from them)
-    # Prompt logprobs computed this step: (request, first prompt position they score, [n, V] logprobs)
-    prompt_logprobs: list[tuple[Request, int, torch.Tensor]]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,55 +78,86 @@ def _group(index, valid, tables, q_positions, block_size: int, device) -> Attent
                           mask[:, None].to(device))
 
 
-def allocate_kv_caches(model_cfg, num_blocks: int, block_size: int, dtype: torch.dtype,
+def allocate_kv_caches(model_cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                        device: torch.device) -> list[torch.Tensor]:
     """One [2 (k, v), num_blocks, block_size, kv_heads, head_dim] tensor per layer."""
     shape = (2, num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_cfg.num_layers)]
 
 
+def bytes_per_block(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elem
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig, num_blocks: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.model = model
-        self.device = device
-        self.block_size = cache_config.block_size
-        self.kv_caches = allocate_kv_caches(model.config, num_blocks, self.block_size, dtype, device)
+    """`model` overrides config.model (a draft model); `num_blocks` makes the pool match another
+    runner's block ids (a draft model's KV follows the target's block tables)."""
 
-    @staticmethod
-    def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elem
+    def __init__(self, config: EngineConfig, model: str | None = None, num_blocks: int | None = None):
+        self.dtype = parse_dtype(config.dtype)
+        self.device = torch.device(config.device)
+        self.block_size = config.cache.block_size
+        loaded = load_model(model or config.model, self.dtype, config.device,
+                            max_positions=config.scheduler.max_model_len)
+        self.model = loaded.model
+        self.model_config = loaded.config
+        self.tokenizer, self.eos_token_ids, self.model_path = loaded.tokenizer, loaded.eos_token_ids, loaded.path
+        self.num_blocks = num_blocks or self._num_blocks(config)
+        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
 
+    def _num_blocks(self, config: EngineConfig) -> int:
+        if config.cache.num_blocks is not None:
+            return config.cache.num_blocks
+        per_block = bytes_per_block(self.model_config, self.block_size, self.dtype)
+        return max(2, int(config.cache.kv_cache_memory_gb * (1 << 30)) // per_block)
+
+    # ---- one step ----
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens > 1)  # single tokens first (stable)
         batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-
-        sampled = [s for s in items if s.samples]
-        rows: list[int] = []
-        sampling_rows: list[SamplingRow] = []
-        for i, s in enumerate(items):
-            if s.samples:
-                k = len(s.spec_token_ids)
-                last = int(batch.last_token[i])
-                rows.extend(range(last - k, last + 1))
-                sampling_rows.extend(SamplingRow.for_request(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
+        sampled = [(i, s) for i, s in enumerate(items) if s.samples]
+        rows, sampling_rows = self.prepare_sample(sampled, batch)
         prompt_rows = self._prompt_logprob_rows(items, batch, rows)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
-
         n = len(sampling_rows)
-        sampler_output = sample(logits[:n], sampling_rows) if n else None
-        prompt_lps = []
+        out = ModelRunnerOutput(sample_logits=logits[:n] if n else None)
+        if n:
+            self._collect_sampled(out, [s for _, s in sampled], sample(logits[:n], sampling_rows))
         offset = n
-        for req, first_pos, count in prompt_rows:
-            prompt_lps.append((req, first_pos, torch.log_softmax(logits[offset:offset + count], dim=-1)))
+        for req, count in prompt_rows:
+            out.prompt_logprobs[req.request_id] = _prompt_entries(req, logits[offset:offset + count])
             offset += count
-        return StepResult(sampled, sampler_output, logits[:n] if n else None, prompt_lps)
+        return out
 
     @staticmethod
-    def _prompt_logprob_rows(items: list[ScheduledRequest], batch: Batch, rows: list[int]):
+    def prepare_sample(sampled: list[tuple[int, ScheduledRequest]], batch: Batch) -> tuple[list[int], list[SamplingRow]]:
+        """The hidden-state rows to sample and what the sampler needs to know about each: a
+        request verifying K drafts owns K + 1 rows, row j seeing the history plus the first j drafts."""
+        rows: list[int] = []
+        sampling_rows: list[SamplingRow] = []
+        for i, s in sampled:
+            k = len(s.spec_token_ids)
+            last = int(batch.last_token[i])
+            rows.extend(range(last - k, last + 1))
+            sampling_rows.extend(_sampling_row(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
+        return rows, sampling_rows
+
+    @staticmethod
+    def _collect_sampled(out: ModelRunnerOutput, sampled: list[ScheduledRequest], so: SamplerOutput) -> None:
+        row = 0
+        for s in sampled:
+            n_rows = len(s.spec_token_ids) + 1
+            n_top = s.request.params.logprobs
+            entries = None if n_top is None else [_sample_entry(so, r, n_top) for r in range(row, row + n_rows)]
+            out.sampled[s.request.request_id] = SampledTokens(so.token_ids[row:row + n_rows],
+                                                              so.logprobs[row:row + n_rows], entries)
+            row += n_rows
+
+    @staticmethod
+    def _prompt_logprob_rows(items: list[ScheduledRequest], batch: Batch, rows: list[int]) -> list[tuple[Request, int]]:
         """Append the rows whose logits score prompt tokens (position p scores token p + 1)."""
         out = []
         for i, s in enumerate(items):
@@ -141,5 +169,55 @@ class ModelRunner:
             hi = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
             if hi > lo:
                 rows.extend(range(first + lo - s.start, first + hi - s.start))
-                out.append((req, lo + 1, hi - lo))
+                out.append((req, hi - lo))
         return out
+
+    # ---- KV hand-over (live migration, prefill/decode split) ----
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """The KV contents of these blocks, [layers, 2, len(block_ids), block_size, kv_heads, head_dim], on CPU."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return torch.stack([cache[:, index] for cache in self.kv_caches]).cpu()
+
+    def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for cache, layer in zip(self.kv_caches, data):
+            cache[:, index] = layer.to(device=self.device, dtype=cache.dtype)
+
+
+def _sampling_row(req: Request, drafts: list[int]) -> SamplingRow:
+    position = req.num_output_tokens + len(drafts)
+    history, outputs = req.all_token_ids, req.output_token_ids
+    if drafts and req.params.needs_penalties:
+        history, outputs = history + list(drafts), outputs + list(drafts)
+    return SamplingRow(req.params, req.seed, position, req.eos_token_ids, history, outputs,
+                       position < req.params.min_tokens)
+
+
+def _sample_entry(so: SamplerOutput, row: int, n_top: int) -> Logprob:
+    """The sampled token's logprob and rank, plus the top-n_top alternatives (texts come later)."""
+    token = so.token_ids[row]
+    entry = {token: TokenLogprob(so.logprobs[row], so.sampled_ranks[row])}
+    if n_top:
+        ids, lps = so.top_ids[row, :n_top].tolist(), so.top_logprobs[row, :n_top].tolist()
+        for rank, (tid, lp) in enumerate(zip(ids, lps), 1):
+            entry.setdefault(tid, TokenLogprob(lp, rank))
+    return entry
+
+
+def _prompt_entries(req: Request, logits: torch.Tensor) -> list[Logprob]:
+    """Logprob entries of the next prompt tokens, scored by these rows' logits."""
+    lps = torch.log_softmax(logits, dim=-1)
+    n_top = req.params.prompt_logprobs
+    first = len(req.prompt_logprobs)
+    targets = torch.tensor(req.prompt_token_ids[first:first + lps.shape[0]], device=lps.device)
+    chosen = lps.gather(1, targets[:, None]).squeeze(1)
+    ranks = ((lps > chosen[:, None]).sum(dim=1) + 1).tolist()
+    top_lp, top_ids = lps.topk(n_top, dim=-1) if n_top else (None, None)
+    entries = []
+    for i, tid in enumerate(targets.tolist()):
+        entry = {tid: TokenLogprob(float(chosen[i]), ranks[i])}
+        if n_top:
+            for rank, (t, lp) in enumerate(zip(top_ids[i].tolist(), top_lp[i].tolist()), 1):
+                entry.setdefault(t, TokenLogprob(lp, rank))
+        entries.append(entry)
+    return entries

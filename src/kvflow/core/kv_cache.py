@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from kvflow.engine.request import Request
+from kvflow.core.request import Request
 
 
 @dataclass(eq=False)
@@ -98,19 +98,48 @@ class BlockPool:
                 self.cached[h] = block
 
     # ---- allocation ----
-    def touch(self, blocks: list[Block]) -> None:
+    def allocate_slots(self, request: Request, num_tokens: int, prefix_hits: list[Block] = ()) -> bool:
+        """Make the request own blocks for its first `num_tokens` positions, all or nothing. The
+        one way blocks are taken: admission (with its prefix-cache hits), decode growth and
+        speculative drafts. A request's block_ids change nowhere else but in `trim` and `free`."""
+        if prefix_hits:
+            assert not request.block_ids, "prefix hits are for a request that owns no blocks yet"
+            self._touch(prefix_hits)  # before allocating, so the allocation cannot evict them
+        have = len(prefix_hits) or len(request.block_ids)
+        fresh = self._allocate(self.blocks_needed(num_tokens) - have)
+        if fresh is None:
+            self._release([b.block_id for b in reversed(prefix_hits)])
+            return False
+        if prefix_hits:
+            request.block_ids = [b.block_id for b in prefix_hits]
+        request.block_ids.extend(fresh)
+        return True
+
+    def trim(self, request: Request) -> None:
+        """Give back blocks past the request's tokens (those only rejected drafts needed)."""
+        keep = self.blocks_needed(request.num_tokens)
+        if len(request.block_ids) > keep:
+            self._release(request.block_ids[keep:][::-1])
+            del request.block_ids[keep:]
+
+    def free(self, request: Request) -> None:
+        self._release(request.block_ids[::-1])
+        request.block_ids = []
+        self.request_hashes.pop(request.request_id, None)
+
+    def _touch(self, blocks: list[Block]) -> None:
         """Take a reference on cached blocks (a prefix hit), pulling free ones out of the free queue."""
         for b in blocks:
             if b.ref_count == 0:
                 del self.free_queue[b.block_id]
             b.ref_count += 1
 
-    def allocate(self, num: int) -> list[int] | None:
+    def _allocate(self, num: int) -> list[int] | None:
         """`num` fresh blocks, evicting least recently freed cached blocks; None if the pool is short."""
         if num > len(self.free_queue):
             return None
         out = []
-        for _ in range(num):
+        for _ in range(max(0, num)):
             _, block = self.free_queue.popitem(last=False)
             if block.block_hash is not None:
                 if self.cached.get(block.block_hash) is block:
@@ -120,7 +149,7 @@ class BlockPool:
             out.append(block.block_id)
         return out
 
-    def release(self, block_ids: list[int]) -> None:
+    def _release(self, block_ids: list[int]) -> None:
         """Drop one reference on each block. Pass them tail first: blocks are evicted in the order
         they were freed, and a prompt's head is what later requests are most likely to reuse."""
         for block_id in block_ids:
@@ -129,8 +158,3 @@ class BlockPool:
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self.free_queue[block_id] = block
-
-    def free(self, request: Request) -> None:
-        self.release(request.block_ids[::-1])
-        request.block_ids = []
-        self.request_hashes.pop(request.request_id, None)

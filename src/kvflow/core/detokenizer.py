@@ -66,6 +66,20 @@ class IncrementalDetokenizer:
                     break
         return self.text[:len(self.text) - hold]
 
+    _STATE = ("skip_special_tokens", "stop", "include_stop", "max_stop_len", "ids", "prefix_offset",
+              "read_offset", "text")
+
+    def export_state(self) -> dict:
+        return {name: getattr(self, name) for name in self._STATE}
+
+    @classmethod
+    def from_state(cls, state: dict, tokenizer) -> IncrementalDetokenizer:
+        detok = cls.__new__(cls)
+        detok.tokenizer = tokenizer
+        for name in cls._STATE:
+            setattr(detok, name, state[name])
+        return detok
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)

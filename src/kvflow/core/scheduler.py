@@ -5,6 +5,10 @@ costs one token, an unfinished prompt continues with a chunk), then waiting requ
 left with prompt chunks. So a long prompt never stalls running decodes. When the KV pool runs out,
 the lowest-priority, newest running request is preempted: its blocks are freed and it goes back to
 the front of the queue to be recomputed later (its output so far is kept).
+
+The scheduler owns every request's progress: `schedule` decides what runs, `update_from_output`
+applies what the model sampled (accept drafts, roll back rejected ones, append tokens, check stops,
+free and publish blocks), and `set_draft_tokens` is the one way speculative drafts come in.
 """
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 from kvflow.config import SchedulerConfig
-from kvflow.engine.kv_cache import BlockPool
-from kvflow.engine.request import Request, RequestStatus
+from kvflow.core.kv_cache import BlockPool
+from kvflow.core.request import Request, RequestStatus
+from kvflow.outputs import Logprob
 
 
 @dataclass
@@ -42,6 +47,31 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass
+class SampledTokens:
+    """What the model drew for one request this step: the target's token at each of its
+    1 + len(drafts) sampled positions, with their logprobs (and top-N entries when asked)."""
+    token_ids: list[int]
+    logprobs: list[float]
+    entries: list[Logprob] | None = None
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, SampledTokens] = field(default_factory=dict)  # by request_id
+    prompt_logprobs: dict[str, list[Logprob]] = field(default_factory=dict)  # new entries by request_id
+    sample_logits: object = None  # [rows, V] tensor of the sampled rows, for proposers that learn from it
+
+
+@dataclass
+class StepUpdate:
+    """What `update_from_output` changed, for the engine's outputs and statistics."""
+    touched: list[Request] = field(default_factory=list)  # requests that got tokens or finished
+    verified: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, drafts, accepted)
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
 
 
 def _importance(r: Request) -> tuple[int, float]:
@@ -113,12 +143,7 @@ class Scheduler:
             hits = self.pool.find_cached_prefix(req)
             num_hit_tokens = len(hits) * self.pool.block_size
             n = min(req.num_tokens - num_hit_tokens, budget)
-            new_blocks = self.pool.blocks_needed(num_hit_tokens + n) - len(hits)
-            # Touch before allocating, so the allocation cannot evict the hits themselves.
-            self.pool.touch(hits)
-            fresh = self.pool.allocate(new_blocks)
-            if fresh is None:
-                self.pool.release([b.block_id for b in reversed(hits)])
+            if not self.pool.allocate_slots(req, num_hit_tokens + n, hits):
                 still_waiting.append(req)
                 # Keep FCFS order within a priority: nobody overtakes a request that does not fit.
                 still_waiting.extend(r for r in self.waiting[self.waiting.index(req) + 1:])
@@ -127,7 +152,6 @@ class Scheduler:
                 req.metrics.first_scheduled_time = time.time()
                 req.num_cached_tokens = num_hit_tokens
                 self.pool.record_lookup(req.num_prompt_tokens, num_hit_tokens)
-            req.block_ids = [b.block_id for b in hits] + fresh
             req.num_computed_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -145,14 +169,7 @@ class Scheduler:
 
     def reserve(self, req: Request, num_tokens: int) -> bool:
         """Make the request own blocks for `num_tokens` positions (all or nothing)."""
-        need = self.pool.blocks_needed(num_tokens) - len(req.block_ids)
-        if need <= 0:
-            return True
-        fresh = self.pool.allocate(need)
-        if fresh is None:
-            return False
-        req.block_ids.extend(fresh)
-        return True
+        return self.pool.allocate_slots(req, num_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -166,18 +183,71 @@ class Scheduler:
         self.waiting.insert(0, req)
         self._sort_waiting()  # back to the front among its priority: it is older than any newcomer
 
-    def update_after_step(self, scheduled: list[ScheduledRequest]) -> None:
-        """After the engine has advanced num_computed_tokens past the verified tokens: drop blocks
-        that only rejected draft tokens needed, and publish newly full blocks to the prefix cache."""
-        for s in scheduled:
+    # ---- after the forward pass ----
+    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> StepUpdate:
+        """Advance every scheduled request past what it computed; append what it sampled."""
+        update, now = StepUpdate(), time.time()
+        for s in sched.scheduled:
             req = s.request
+            req.num_computed_tokens = s.start + s.num_new_tokens
+            update.num_prompt_tokens += min(s.num_new_tokens, max(0, req.num_prompt_tokens - s.start))
+            if req.request_id in out.prompt_logprobs:
+                req.prompt_logprobs.extend(out.prompt_logprobs[req.request_id])
+            sampled = out.sampled.get(req.request_id)
+            if sampled is not None:
+                update.num_generated_tokens += self._apply_sampled(req, s.spec_token_ids, sampled, now, update)
+                update.touched.append(req)
+            if not req.is_finished:
+                self.pool.trim(req)
+                self.pool.cache_full_blocks(req, req.num_computed_tokens)
+        return update
+
+    def _apply_sampled(self, req: Request, drafts: list[int], sampled: SampledTokens, now: float,
+                       update: StepUpdate) -> int:
+        """Accept drafts while they equal the target's draws, then take the target's own next token
+        (lossless: see spec_decode/verifier.py). Returns the number of tokens appended."""
+        accepted = accepted_prefix(drafts, sampled.token_ids)
+        req.num_computed_tokens -= len(drafts) - accepted  # rejected drafts' KV is not kept
+        req.draft_num_computed = min(req.draft_num_computed, req.num_computed_tokens)
+        req.spec_token_ids = []
+        if drafts:
+            update.verified.append((req, len(drafts), accepted))
+        for j, token in enumerate(sampled.token_ids[:accepted + 1]):
+            self._append(req, token, sampled, j, now)
             if req.is_finished:
-                continue
-            keep = self.pool.blocks_needed(req.num_tokens)
-            if len(req.block_ids) > keep:
-                self.pool.release(req.block_ids[keep:][::-1])
-                del req.block_ids[keep:]
-            self.pool.cache_full_blocks(req, req.num_computed_tokens)
+                return j + 1
+        return accepted + 1
+
+    def _append(self, req: Request, token: int, sampled: SampledTokens, row: int, now: float) -> None:
+        req.append_token(token)
+        req.cumulative_logprob += sampled.logprobs[row]
+        if req.logprobs is not None:
+            req.logprobs.append(sampled.entries[row])
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        self._check_stop(req, token)
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        p = req.params
+        stop_str = req.detokenizer.add_token(token) if req.detokenizer is not None else None
+        if req.num_output_tokens >= p.min_tokens:
+            if token in (p.stop_token_ids or ()):
+                return self.finish(req, "stop", token)
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return self.finish(req, "stop", None)
+            if stop_str is not None:
+                return self.finish(req, "stop", stop_str)
+        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
+            return self.finish(req, "length")
+        if req.num_tokens >= self.config.max_model_len:
+            return self.finish(req, "length")
+
+    # ---- drafts, endings, hand-over ----
+    def set_draft_tokens(self, drafts: dict[Request, list[int]]) -> None:
+        """The drafts each running request verifies next step (none for those not named)."""
+        for req in self.running:
+            req.spec_token_ids = drafts.get(req, [])
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         if req.status == RequestStatus.RUNNING:
@@ -190,3 +260,24 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.metrics.finished_time = time.time()
+
+    def add_imported(self, req: Request) -> bool:
+        """Take over a request exported by another instance. A running one gets fresh blocks for
+        its computed tokens (the caller writes their KV into them); False if the pool is short."""
+        req.block_ids, req.spec_token_ids, req.draft_num_computed = [], [], 0
+        if req.num_computed_tokens == 0 or req.status != RequestStatus.RUNNING:
+            req.status, req.num_computed_tokens = RequestStatus.WAITING, 0
+            self.add(req)
+            return True
+        if len(self.running) >= self.config.max_num_seqs or not self.pool.allocate_slots(req, req.num_computed_tokens):
+            return False
+        self.running.append(req)
+        return True
+
+
+def accepted_prefix(drafts: list[int], targets: list[int]) -> int:
+    """Leading drafts equal to the target's tokens at the same positions."""
+    a = 0
+    while a < len(drafts) and drafts[a] == targets[a]:
+        a += 1
+    return a
