@@ -232,6 +232,12 @@ _ERRORS = {400: "invalid request (names the field at fault)", 401: "missing, rep
            500: "internal error", 503: "busy or shutting down (with Retry-After)"}
 
 
+# One server-sent event (OpenAPI before 3.2 describes each event of a stream with `schema`).
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chunk object; the last event's data is [DONE]"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
 def _body(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
@@ -242,11 +248,24 @@ def _responses(model: type[BaseModel] | None, stream: bool = False, codes=tuple(
     if model is not None:
         out[200] = {"model": model, "description": "OK"}
         if stream:
-            out[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+            out[200]["content"] = {"text/event-stream": {"schema": _SSE_EVENT}}
     return out
 
 
-def _install_openapi(app: FastAPI, api_key: bool) -> None:
+def _bound_token_ids(schema, vocab_size: int) -> None:
+    """Every schema marked "x-token-id" gets the vocabulary's bound."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("x-token-id"):
+                node["maximum"] = vocab_size - 1
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _install_openapi(app: FastAPI, api_key: bool, vocab_size: int) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
@@ -256,6 +275,7 @@ def _install_openapi(app: FastAPI, api_key: bool) -> None:
                 s = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 comps.update(s.pop("$defs", {}))
                 comps[model.__name__] = s
+            _bound_token_ids(comps, vocab_size)
             if api_key:
                 schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
                 schema["security"] = [{"bearer": []}]
@@ -308,7 +328,7 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str], api_key:
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_reject=lambda: metrics.rejected("unauthorized"))
     app.add_middleware(RequestGuard, state=http)  # added last: outermost
-    _install_openapi(app, bool(api_key))
+    _install_openapi(app, bool(api_key), server.vocab_size)
     _add_routes(app, server, async_engine, metrics, limits)
     return app
 
