@@ -10,10 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import httpx
@@ -21,6 +17,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+import server_helpers  # noqa: E402
 from engine_helpers import MODEL, MODEL_DIR, MODEL_FILE  # noqa: E402
 from kvflow import SamplingParams  # noqa: E402
 
@@ -36,86 +33,11 @@ ENGINE_OPTIONS = dict(max_model_len=MAX_MODEL_LEN, num_gpu_blocks=256, max_num_s
 
 
 # ---------------- a server process (also used by test_bench_serve.py) ----------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m kvflow.entrypoints.openai.server` on a free loopback port."""
+class ServerProcess(server_helpers.ServerProcess):
+    """The server on the bundled model, with this module's engine options unless told otherwise."""
 
     def __init__(self, *extra: str, api_key: str | None = None, options: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
-        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="kvflow-server-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "kvflow.entrypoints.openai.server", "--host", "127.0.0.1",
-               "--port", str(self.port), "--model", MODEL, "--log-level", "warning"]
-        for key, value in (options or ENGINE_OPTIONS).items():
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                cmd.append(flag if value else "--no-" + flag[2:])
-            else:
-                cmd += [flag, str(value)]
-        if api_key:
-            cmd += ["--api-key", api_key]
-        cmd += list(extra)
-        # One torch thread: on two shared cores it is both faster and steadier (see conftest.py).
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("KVFLOW_TEST_THREADS", "1")}
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        self.log_file.flush()
-        with open(self.log_file.name) as f:
-            return f.read()
-
-    def wait_ready(self, timeout: float = 240.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.kill()
-        raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.log()[-3000:]}")
-
-    def headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics: name{labels} -> value."""
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
-
-    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
-        """Metrics once nothing runs, waits or is in flight (or the last ones seen at the timeout)."""
-        deadline = time.time() + timeout
-        while True:
-            m = self.metrics()
-            if (m["kvflow:num_requests_running"] == 0 and m["kvflow:num_requests_waiting"] == 0
-                    and m["kvflow:num_requests_in_flight"] == 0) or time.time() > deadline:
-                return m
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def close(self) -> None:
-        self.kill()
-        self.log_file.close()
-        os.unlink(self.log_file.name)
+        super().__init__(*extra, api_key=api_key, options=options or ENGINE_OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +98,7 @@ def _stream_text(chunks, chat: bool = False) -> tuple[dict[int, str], dict[int, 
 
 # ---------------- the AsyncEngine alone, over a scripted engine (no model) ----------------
 class _ScriptedEngine:
-    """Just enough of LLMEngine: each step adds one 'x' to every request; can be told to fail."""
+    """Just enough of LLMEngine: each step's delta adds one 'x' to every request; can be told to fail."""
 
     def __init__(self):
         from types import SimpleNamespace as NS
@@ -213,7 +135,7 @@ class _ScriptedEngine:
         for rid, st in list(self.parents.items()):
             st[0] += 1
             done = st[0] >= st[1]
-            comp = CompletionOutput(0, "x" * st[0], list(range(st[0])), 0.0, None, "length" if done else None)
+            comp = CompletionOutput(0, "x", [st[0] - 1], 0.0, None, "length" if done else None)
             outs.append(RequestOutput(rid, None, [1], [comp], done))
             if done:
                 del self.parents[rid]
@@ -237,7 +159,7 @@ class _Recorder:
 def test_async_engine_streams_errors_aborts_admission():
     from kvflow.engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, QueueFullError,
                                             RequestStream)
-    from kvflow.errors import InvalidRequestError
+    from kvflow.errors import InvalidRequestError, RequestAbortedError, ShuttingDownError
 
     async def main():
         eng, rec = _ScriptedEngine(), _Recorder()
@@ -245,14 +167,21 @@ def test_async_engine_streams_errors_aborts_admission():
         ae.start()
         # A request runs to the end; the observer sees its first token, 4 gaps and its finish.
         outs = [o async for o in ae.generate([1, 2], SamplingParams(max_tokens=5))]
-        assert outs[-1].finished and outs[-1].outputs[0].text == "xxxxx" and all(not o.finished for o in outs[:-1])
+        assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+        assert "".join(o.outputs[0].text for o in outs) == "xxxxx"  # deltas
         assert rec.events == ["first"] + ["itl"] * 4 + ["length"]
         # An invalid request raises from add_request and leaves nothing behind.
         with pytest.raises(InvalidRequestError, match="empty"):
             await ae.add_request("bad", [], SamplingParams())
         assert ae.num_in_flight == 0
-        # Admission: max_num_seqs (2) + max_queue_len (1) in flight, then QueueFullError.
-        streams = [await ae.add_request(f"r{i}", [1], SamplingParams(max_tokens=10_000)) for i in range(3)]
+        # Admission counts sequences: max_num_seqs (2) + max_queue_len (1) in flight, then
+        # QueueFullError; more than that in one request can never fit: InvalidRequestError.
+        ae.check_admission(3)
+        with pytest.raises(InvalidRequestError, match="4 sequences"):
+            ae.check_admission(4)
+        streams = [await ae.add_request("r0", [1], SamplingParams(max_tokens=10_000, n=2)),
+                   await ae.add_request("r1", [1], SamplingParams(max_tokens=10_000))]
+        assert ae.num_seqs_in_flight == 3
         with pytest.raises(QueueFullError):
             ae.check_admission()
         # A failing step fails exactly the requests in flight; the engine thread lives on.
@@ -263,7 +192,7 @@ def test_async_engine_streams_errors_aborts_admission():
                     pass
         assert not eng.parents and ae.num_in_flight == 0
         outs = [o async for o in ae.generate([1], SamplingParams(max_tokens=2))]
-        assert outs[-1].outputs[0].text == "xx"
+        assert "".join(o.outputs[0].text for o in outs) == "xx"
         # Closing a stream early aborts its request in the engine.
         s = await ae.add_request("leaver", [1], SamplingParams(max_tokens=10_000))
         await s.__anext__()
@@ -283,19 +212,38 @@ def test_async_engine_streams_errors_aborts_admission():
             await ae.add_request("late", [1], SamplingParams())
         assert not ae.is_running
 
-        # A slow consumer holds one pending output, not one per step.
+        # A slow consumer holds one pending output, not one per step: the deltas merged, none lost.
         st = RequestStream("x", ae)
-        for k in range(1, 50):
-            st._put(eng_output := _out("x", k, done=False))
-        assert len(st._items) == 1 and (await st.__anext__()) is eng_output
+        for k in range(49):
+            st._put(_delta("x", k, done=False))
+        st._put(_delta("x", 49, done=True))
+        st._put(_delta("x", 50, done=False))  # nothing merges into a finished output
+        assert len(st._items) == 2
+        merged = await st.__anext__()
+        assert merged.finished and merged.outputs[0].token_ids == list(range(50))
+        assert merged.outputs[0].text == "x" * 50 and merged.outputs[0].finish_reason == "length"
+
+        # Draining refuses new work; abort_all ends the streams with the error given.
+        ae2 = AsyncEngine(_ScriptedEngine(), max_queue_len=4)
+        ae2.start()
+        s = await ae2.add_request("run", [1], SamplingParams(max_tokens=10_000))
+        ae2.begin_drain()
+        with pytest.raises(ShuttingDownError):
+            ae2.check_admission()
+        assert not await ae2.wait_idle(0.05)
+        assert ae2.abort_all(RequestAbortedError("bye")) == 1
+        with pytest.raises(RequestAbortedError):
+            async for _ in s:
+                pass
+        assert await ae2.wait_idle(1.0)
+        await ae2.shutdown()
 
     asyncio.run(main())
 
 
-def _out(rid, k, done):
+def _delta(rid, k, done):
     from kvflow.outputs import CompletionOutput, RequestOutput
-    return RequestOutput(rid, None, [1], [CompletionOutput(0, "x" * k, [0] * k, 0.0, None, "length" if done else None)],
-                         done)
+    return RequestOutput(rid, None, [1], [CompletionOutput(0, "x", [k], 0.0, None, "length" if done else None)], done)
 
 
 # ---------------- basics ----------------

@@ -20,3 +20,28 @@ class ModelLoadError(KvflowError, RuntimeError):
 
 class ConfigError(KvflowError, ValueError):
     """An engine option is invalid."""
+
+
+# ---------------- serving: the async engine and the server ----------------
+class EngineDeadError(KvflowError, RuntimeError):
+    """The engine thread stopped (shutdown or an internal error); no request can run."""
+
+
+class EngineStepError(KvflowError, RuntimeError):
+    """An engine step raised; the requests in flight at that moment were aborted."""
+
+
+class QueueFullError(KvflowError):
+    """Admitting this request would put more sequences in flight than the server allows; retry later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDownError(QueueFullError):
+    """The server is draining before it stops: it admits nothing new (retry on another instance)."""
+
+
+class RequestAbortedError(KvflowError):
+    """The server aborted a request it had admitted (at shutdown, when the drain timeout ran out)."""

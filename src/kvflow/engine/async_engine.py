@@ -1,17 +1,24 @@
 """AsyncEngine: the synchronous LLMEngine driven from a background thread, one async stream per request.
 
 The engine is single-threaded, so exactly one thread (``kvflow-engine``) ever touches it. The event
-loop talks to that thread through a queue of commands (add, abort, stop) that the thread applies
-between steps; outputs travel back with ``loop.call_soon_threadsafe``, one callback per step. The
-forward pass runs in torch, which releases the GIL, so the event loop keeps serving HTTP meanwhile.
+loop talks to that thread through a queue of small typed commands (AddRequest, AbortRequest, Stop)
+that the thread applies between steps; outputs travel back with ``loop.call_soon_threadsafe``, one
+callback per step. The forward pass runs in torch, which releases the GIL, so the event loop keeps
+serving HTTP meanwhile.
 
-Outputs are cumulative (text and token ids so far), so a stream whose consumer falls behind keeps
-only the newest one: a slow client costs no extra memory and still receives every token.
+Outputs are deltas (what is new since the request's previous output). A stream whose consumer
+falls behind merges the pending ones with ``RequestOutput.add``: a slow client holds one merged
+delta, loses nothing, and costs no copies of what it has already received.
+
+Admission counts sequences (a request with n=4 over 2 prompts is 8): at most
+``max_num_seqs + max_queue_len`` are in flight; ``check_admission`` says whether one more request
+fits, and refuses one that never could. ``begin_drain`` stops admission (shutdown), ``abort_all``
+ends what is left.
 
     engine = AsyncEngine(LLMEngine(config)); engine.start()      # inside a running event loop
     stream = await engine.add_request("id", "Hello", SamplingParams(max_tokens=8))
     async with stream:
-        async for out in stream: ...                              # leaving early aborts the request
+        async for delta in stream: ...                            # leaving early aborts the request
 """
 from __future__ import annotations
 
@@ -28,27 +35,17 @@ from typing import Any, Protocol
 import torch
 
 from kvflow.engine.llm_engine import LLMEngine
-from kvflow.errors import InvalidRequestError, KvflowError
+from kvflow.errors import (EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError,  # noqa: F401
+                           RequestAbortedError, ShuttingDownError)
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-
-class EngineDeadError(KvflowError, RuntimeError):
-    """The engine thread stopped (shutdown or an internal error); no request can run."""
-
-
-class EngineStepError(KvflowError, RuntimeError):
-    """An engine step raised; the requests in flight at that moment were aborted."""
-
-
-class QueueFullError(KvflowError):
-    """More requests are in flight than the engine runs at once plus the allowed queue."""
-
-    def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after
+# EngineDeadError, EngineStepError and QueueFullError live in kvflow.errors; they stay importable
+# from here for code written before they moved.
+__all__ = ["AsyncEngine", "RequestStream", "EngineStats", "EngineObserver", "EngineDeadError",
+           "EngineStepError", "QueueFullError", "ShuttingDownError", "RequestAbortedError"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +89,30 @@ class EngineObserver(Protocol):
     def sequence_finished(self, finish_reason: str, e2e_latency: float) -> None: ...
 
 
+# ---------------- commands from the event loop to the engine thread ----------------
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int
+    arrival: float
+    ack: asyncio.Future  # settled on the event loop once the engine accepted (or refused) it
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Abort everything and end the engine thread."""
+
+
+Command = AddRequest | AbortRequest | Stop
+
+
 @dataclass
 class _Tracked:
     """Engine-thread bookkeeping of one request, for the latency observer."""
@@ -108,28 +129,25 @@ class _Tracked:
         self.finished = [False] * self.n
 
 
-_STOP = object()
-
-
 class RequestStream:
-    """The outputs of one request: an async iterator of cumulative RequestOutputs that ends after
-    the finished one. Closing it (or leaving ``async with``) before then aborts the request."""
+    """The outputs of one request: an async iterator of delta RequestOutputs that ends after the
+    finished one. Closing it (or leaving ``async with``) before then aborts the request."""
 
-    def __init__(self, request_id: str, engine: AsyncEngine, coalesce: bool = True):
+    def __init__(self, request_id: str, engine: AsyncEngine, num_seqs: int = 1, coalesce: bool = True):
         self.request_id = request_id
+        self.num_seqs = num_seqs  # what this request counts against admission
         self._engine = engine
         self._items: deque = deque()
         self._ready = asyncio.Event()
         self._coalesce = coalesce
         self.finished = False  # the final output was delivered (or the stream failed)
         self.closed = False
-        self.latest: RequestOutput | None = None
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         last = self._items[-1] if self._items else None
         if (self._coalesce and isinstance(item, RequestOutput) and isinstance(last, RequestOutput)
                 and not last.finished):
-            self._items[-1] = item  # cumulative: the newest output holds everything the older one did
+            last.add(item)  # deltas: the pending one absorbs the newer one, nothing is lost
         else:
             self._items.append(item)
         self._ready.set()
@@ -149,7 +167,6 @@ class RequestStream:
             raise item
         if item.finished:
             self.finished = True
-        self.latest = item
         return item
 
     def close(self) -> None:
@@ -174,15 +191,16 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queue_len: int | None = None,
                  observer: EngineObserver | None = None):
         self.engine = engine
-        self.max_queue_len = max_queue_len
+        self.max_queue_len = max_queue_len  # sequences allowed to wait beyond max_num_seqs; None: no bound
         self.observer = observer
         self.stats = EngineStats()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # event-loop side only
         self._tracked: dict[str, _Tracked] = {}  # engine-thread side only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
+        self._draining = False
         self._ids = itertools.count()
         self._num_steps = 0
         # OpenMP's thread count is per thread: a new thread would not inherit torch.set_num_threads
@@ -207,10 +225,36 @@ class AsyncEngine:
     def dead_reason(self) -> BaseException | None:
         return self._dead
 
+    @property
+    def is_draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Admit nothing new (ShuttingDownError); what runs goes on."""
+        self._draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every request in flight to end; True if they did."""
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self._streams
+
+    def abort_all(self, err: BaseException) -> int:
+        """End every request in flight: its stream raises `err` after the outputs it already holds,
+        and the engine frees its blocks before its next step. Returns how many there were."""
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            stream._put(err)
+            self._commands.put(AbortRequest(stream.request_id))
+        return len(streams)
+
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the engine thread (after the step in progress) and fail the streams still open."""
+        self._draining = True
         if self._thread is not None and self._thread.is_alive():
-            self._commands.put(("stop",))
+            self._commands.put(Stop())
             await asyncio.to_thread(self._thread.join, timeout)
         if self._dead is None:
             self._dead = EngineDeadError("the engine has shut down")
@@ -224,20 +268,41 @@ class AsyncEngine:
         """Requests added and not yet finished or aborted."""
         return len(self._streams)
 
-    def check_admission(self, num_requests: int = 1) -> None:
-        """Raise QueueFullError if `num_requests` more would exceed max_num_seqs + max_queue_len in
-        flight (so at most max_queue_len wait beyond what one step can run); EngineDeadError if the
-        engine cannot run anything."""
+    @property
+    def num_seqs_in_flight(self) -> int:
+        """Sequences of those requests (each request counts its n)."""
+        return sum(s.num_seqs for s in self._streams.values())
+
+    @property
+    def max_seqs_in_flight(self) -> int | None:
+        """max_num_seqs + max_queue_len, or None without a queue bound."""
+        if self.max_queue_len is None:
+            return None
+        return self.engine.config.scheduler.max_num_seqs + self.max_queue_len
+
+    def check_admission(self, num_seqs: int = 1) -> None:
+        """Raise unless `num_seqs` more sequences may start now: EngineDeadError if the engine cannot
+        run anything, ShuttingDownError while draining, InvalidRequestError if that many could never
+        be admitted at once, QueueFullError if they would exceed max_num_seqs + max_queue_len."""
         if self._dead is not None or self._thread is None:
             raise EngineDeadError(f"the engine is not running: {self._dead}")
-        if self.max_queue_len is None:
+        if self._draining:
+            raise ShuttingDownError("the server is shutting down and admits no new requests; retry on "
+                                    "another instance", retry_after=5.0)
+        capacity = self.max_seqs_in_flight
+        if capacity is None:
             return
-        capacity = self.engine.config.scheduler.max_num_seqs + self.max_queue_len
-        if self.num_in_flight + num_requests > capacity:
+        limits = (f"max_num_seqs {self.engine.config.scheduler.max_num_seqs} + max_queue_len "
+                  f"{self.max_queue_len}")
+        if num_seqs > capacity:
+            raise InvalidRequestError(
+                f"this request asks for {num_seqs} sequences (n x prompts) but the server runs at most "
+                f"{capacity} at once ({limits}); send fewer prompts or a lower n")
+        in_flight = self.num_seqs_in_flight
+        if in_flight + num_seqs > capacity:
             raise QueueFullError(
-                f"the server is busy: {self.num_in_flight} requests in flight, the limit is {capacity} "
-                f"(max_num_seqs {self.engine.config.scheduler.max_num_seqs} + max_queue_len "
-                f"{self.max_queue_len}); retry later", retry_after=1.0)
+                f"the server is busy: {in_flight} sequences in flight, {num_seqs} more would exceed the "
+                f"limit of {capacity} ({limits}); retry later", retry_after=1.0)
 
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -254,10 +319,10 @@ class AsyncEngine:
         if request_id in self._streams:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         arrival = time.time() if arrival_time is None else arrival_time
-        stream = RequestStream(request_id, self, coalesce)
+        stream = RequestStream(request_id, self, params.n, coalesce)
         self._streams[request_id] = stream
         ack = self._loop.create_future()
-        self._commands.put(("add", request_id, prompt, params, priority, arrival, ack))
+        self._commands.put(AddRequest(request_id, prompt, params, priority, arrival, ack))
         try:
             await ack
         except asyncio.CancelledError:
@@ -272,7 +337,7 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                        priority: int = 0):
-        """Convenience: an async generator of cumulative outputs; aborts the request if left early."""
+        """Convenience: an async generator of delta outputs; aborts the request if left early."""
         stream = await self.add_request(request_id, prompt, params, priority)
         async with stream:
             async for out in stream:
@@ -281,7 +346,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Abort now: the engine thread frees the request's blocks before its next step."""
         self._streams.pop(request_id, None)
-        self._commands.put(("abort", request_id))
+        self._commands.put(AbortRequest(request_id))
 
     # ---------------- the engine thread ----------------
     def _run(self) -> None:
@@ -311,25 +376,24 @@ class AsyncEngine:
             except queue.Empty:
                 break
         for cmd in cmds:
-            kind = cmd[0]
-            if kind == "stop":
+            if isinstance(cmd, Stop):
                 self._abort_all("abort")
                 return False
-            if kind == "add":
-                self._apply_add(*cmd[1:])
-            elif kind == "abort":
-                if self.engine.abort(cmd[1]):
-                    self._forget(cmd[1], "abort")
+            if isinstance(cmd, AddRequest):
+                self._apply_add(cmd)
+            elif self.engine.abort(cmd.request_id):
+                self._forget(cmd.request_id, "abort")
         return True
 
-    def _apply_add(self, request_id, prompt, params, priority, arrival, ack) -> None:
+    def _apply_add(self, cmd: AddRequest) -> None:
         try:
-            self.engine.add_request(request_id, prompt, params, arrival_time=arrival, priority=priority)
+            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival,
+                                    priority=cmd.priority)
         except BaseException as e:  # InvalidRequestError mostly; anything else must not kill the thread
-            self._call_soon(_settle, ack, e)
+            self._call_soon(_settle, cmd.ack, e)
             return
-        self._tracked[request_id] = _Tracked(arrival, params.n)
-        self._call_soon(_settle, ack, None)
+        self._tracked[cmd.request_id] = _Tracked(cmd.arrival, cmd.params.n)
+        self._call_soon(_settle, cmd.ack, None)
 
     def _step(self) -> None:
         try:
@@ -353,20 +417,25 @@ class AsyncEngine:
         self._call_soon(self._deliver, outputs)
 
     def _observe(self, out: RequestOutput, now: float) -> None:
+        """Latency events from one delta: a completion that got tokens this step had its first
+        token or one more gap; one that got a finish reason finished."""
         t = self._tracked.get(out.request_id)
         if t is None:
             return
         obs = self.observer
         try:
-            for i, comp in enumerate(out.outputs[:t.n]):
-                n_tok = len(comp.token_ids)
-                if n_tok > t.num_tokens[i]:
+            for comp in out.outputs:
+                i = comp.index
+                if i >= t.n:
+                    continue
+                if comp.token_ids:
                     if not t.saw_first:
                         t.saw_first = True
                         obs.first_token(now - t.arrival)
                     elif t.num_tokens[i] > 0:
                         obs.inter_token(now - t.last_time[i])
-                    t.num_tokens[i], t.last_time[i] = n_tok, now
+                    t.num_tokens[i] += len(comp.token_ids)
+                    t.last_time[i] = now
                 if comp.finish_reason is not None and not t.finished[i]:
                     t.finished[i] = True
                     obs.sequence_finished(comp.finish_reason, now - t.arrival)

@@ -124,11 +124,33 @@ _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 
 
 def _open_gguf(path: Path):
-    from gguf import GGUFReader
     try:
-        return GGUFReader(str(path))
+        return _checked_gguf_reader()(str(path))
+    except ModelLoadError:
+        raise
     except Exception as e:  # the reader raises ValueError, struct or numpy errors on a damaged file
         raise ModelLoadError(f"cannot read GGUF file {path}: {e} (is the file complete?)") from None
+
+
+def _checked_gguf_reader():
+    """GGUFReader that says a file is truncated (tensor data ends past the end of the file) instead
+    of failing on a numpy reshape."""
+    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class CheckedReader(GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            end = 0
+            for f in fields:  # parts: name length, name, n_dims, dims, type, offset
+                dims, raw_type, offset = f.parts[3], f.parts[4], f.parts[5]
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                end = max(end, int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block)
+            if end > len(self.data):
+                raise ModelLoadError(f"GGUF file {self.data.filename} is truncated: its tensors need {end} bytes, "
+                                     f"the file has {len(self.data)}")
+            return super()._build_tensors(start_offs, fields)
+
+    return CheckedReader
 
 
 def _read_gguf(reader, path: Path, quantization: str = "none") -> tuple[ModelConfig, dict]:
@@ -290,8 +312,8 @@ def _hf_config(hf: dict, path: Path) -> ModelConfig:
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = None
-    heads = hf["num_attention_heads"]
     try:
+        heads = hf["num_attention_heads"]
         return ModelConfig(
             architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -304,7 +326,7 @@ def _hf_config(hf: dict, path: Path) -> ModelConfig:
             qk_norm=arch == "qwen3",
         )
     except KeyError as e:
-        raise ModelLoadError(f"{path}/config.json lacks {e}") from None
+        raise ModelLoadError(f"{path}/config.json lacks the field {e}, which the model needs") from None
 
 
 def _hf_tokenizer(path: Path):

@@ -1,8 +1,9 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status.
 
 Every failure path of the server ends here: bad JSON and wrong types are 400 (never 422 or 500),
-unknown models 404, missing keys 401, a full queue 503 with Retry-After, and anything unexpected a
-500 whose body names no internals.
+unknown models 404, missing keys 401, a body too slow 408 or too big 413, a full queue or a server
+shutting down 503 with Retry-After, and anything unexpected a 500 whose body names no internals
+(logged once, with its traceback). Client mistakes are never logged above debug level.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvflow.engine.async_engine import EngineDeadError, QueueFullError
-from kvflow.errors import InvalidRequestError
+from kvflow.errors import (EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError,
+                           RequestAbortedError, ShuttingDownError)
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_overloaded"}
 
 
@@ -63,10 +65,14 @@ def from_exception(e: BaseException) -> APIError:
         m = re.match(r"([a-z_]+) ", str(e))  # SamplingParams' messages start with the field's name
         return bad_request(str(e), m.group(1) if m and m.group(1) in _PARAMS else None)
     if isinstance(e, QueueFullError):
-        return APIError(503, str(e), code="queue_full",
+        return APIError(503, str(e), code="shutting_down" if isinstance(e, ShuttingDownError) else "queue_full",
                         headers={"Retry-After": str(max(1, round(e.retry_after)))})
+    if isinstance(e, RequestAbortedError):
+        return APIError(503, str(e), code="aborted", headers={"Retry-After": "5"})
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), code="engine_unavailable")
+    if isinstance(e, EngineStepError):  # the engine thread has logged it with its traceback
+        return APIError(500, f"{e}; the request was not completed")
     logger.error("internal error: %s: %s", type(e).__name__, e, exc_info=e)
     return APIError(500, f"internal server error ({type(e).__name__}); the request was not completed")
 
@@ -137,7 +143,10 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[APIError], None] | 
             message = f"no route {request.method} {request.url.path}"
         return respond(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
 
-    for kind in (APIError, InvalidRequestError, QueueFullError, EngineDeadError, Exception):
+    # Anything else propagates to the app's outermost middleware (api_server.RequestGuard), which
+    # answers 500 and logs it once; a handler for Exception here would log it a second time.
+    for kind in (APIError, InvalidRequestError, QueueFullError, EngineDeadError, EngineStepError,
+                 RequestAbortedError):
         async def _handler(request: Request, exc: Exception):
             return respond(from_exception(exc))
         app.add_exception_handler(kind, _handler)

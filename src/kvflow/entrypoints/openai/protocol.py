@@ -9,16 +9,37 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from kvflow.errors import InvalidRequestError
 from kvflow.outputs import TokenLogprob
 from kvflow.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # choices per prompt (OpenAI's limit)
+_ROLES_DOC = ("system", "user", "assistant", "developer", "tool")  # checked by check_messages
 MAX_LOGIT_BIAS = 100.0
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_TOKEN_ID_KEY = re.compile(r"^-?[0-9]+$")  # ASCII digits only: int() would also take " 5" and "٣"
+
+# Schemas of the fields typed Any (checked by hand for clearer messages), for the OpenAPI document.
+_STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                          {"type": "array", "items": {"type": "string", "minLength": 1}}, {"type": "null"}]}
+# "x-token-id" marks token ids: the served document bounds them by the model's vocabulary.
+TOKEN_ID = {"type": "integer", "minimum": 0, "x-token-id": True}
+_TOKEN_IDS = {"type": "array", "items": TOKEN_ID, "minItems": 1}
+_PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                            _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}
+
+
+def _integral(v: Any) -> Any:
+    """JSON has one kind of number: 4.0 is the integer 4 (as JSON Schema's "integer" says), 4.5 is not."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]  # strict otherwise: "4" and true stay errors
 
 
 class _Strict(BaseModel):
@@ -30,28 +51,36 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
 
 
+def _doc(default=None, **schema):
+    """A field whose accepted range the OpenAPI document states; the value is still checked by
+    SamplingParams (or below), whose messages name the field and the limit."""
+    return Field(default, json_schema_extra=schema)
+
+
 class _SamplingRequest(_Strict):
     model: str | None = None
-    n: int | None = 1
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    n: Int | None = _doc(1, minimum=1, maximum=MAX_N)
+    max_tokens: Int | None = _doc(None, minimum=1)
+    temperature: float | None = _doc(None, minimum=0)
+    top_p: float | None = _doc(None, exclusiveMinimum=0, maximum=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Any = None  # str | list[str]; SamplingParams checks it and names the field
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    stop: Any = Field(None, json_schema_extra=_STOP_SCHEMA)  # SamplingParams checks it and names the field
+    seed: Int | None = _doc(None, minimum=_INT64[0], maximum=_INT64[1])
+    presence_penalty: float | None = _doc(None, minimum=-2, maximum=2)
+    frequency_penalty: float | None = _doc(None, minimum=-2, maximum=2)
+    logit_bias: dict[str, float] | None = _doc(None, propertyNames={"pattern": _TOKEN_ID_KEY.pattern},
+                                               additionalProperties={"type": "number", "minimum": -MAX_LOGIT_BIAS,
+                                                                     "maximum": MAX_LOGIT_BIAS})
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    top_k: Int | None = _doc(None, minimum=-1)
+    min_p: float | None = _doc(None, minimum=0, maximum=1)
+    repetition_penalty: float | None = _doc(None, exclusiveMinimum=0)
+    min_tokens: Int | None = _doc(None, minimum=0)
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-    priority: int | None = None
+    stop_token_ids: list[Int] | None = _doc(None, items=TOKEN_ID)
+    priority: Int | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
 
@@ -73,13 +102,13 @@ class _SamplingRequest(_Strict):
         n = 1 if self.n is None else self.n
         if not 1 <= n <= MAX_N:
             raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {n}")
-        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63) - MAX_N:
+        if self.seed is not None and not _INT64[0] <= self.seed <= _INT64[1]:
             raise InvalidRequestError(f"seed must be a 64-bit signed integer, got {self.seed}")
         bias = None
         if self.logit_bias:
             bias = {}
             for key, value in self.logit_bias.items():
-                if not re.fullmatch(r"-?\d+", key.strip()):
+                if not _TOKEN_ID_KEY.fullmatch(key):
                     raise InvalidRequestError(f"logit_bias keys must be token ids (integers as strings), got {key!r}")
                 tid = int(key)
                 if vocab_size is not None and not 0 <= tid < vocab_size:
@@ -104,13 +133,13 @@ class _SamplingRequest(_Strict):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Any = None  # str | list[str] | list[int] | list[list[int]], checked in prompts()
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    prompt: Any = Field(..., json_schema_extra=_PROMPT_SCHEMA)  # checked in prompts(), for clearer messages
+    max_tokens: Int | None = _doc(16, minimum=1)  # OpenAI's default for completions
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: Int | None = _doc(None, minimum=0, maximum=MAX_LOGPROBS)
     # Not supported: a 400 says so when they are set.
-    suffix: Any = None
-    best_of: Any = None
+    suffix: Any = _doc(None, type="null")
+    best_of: Any = _doc(None, enum=[None, 1])
 
     def _unsupported(self) -> None:
         if self.suffix is not None:
@@ -128,6 +157,7 @@ class CompletionRequest(_SamplingRequest):
             return [p]
         if not isinstance(p, list) or not p:
             raise InvalidRequestError(f"{shape}; got {'an empty list' if p == [] else type(p).__name__}")
+        p = [[_integral(t) for t in x] if isinstance(x, list) else _integral(x) for x in p]
         if all(_is_int(t) for t in p):
             return [list(p)]
         if all(isinstance(x, str) for x in p):
@@ -138,12 +168,13 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ContentPart(_Strict):
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "text"]})
+    type: str = _doc(..., enum=["text"])  # other types get a 400 saying so
+    text: str | None = _doc(None, type="string")
 
 
 class ChatMessage(_Strict):
-    role: str
+    role: str = _doc(..., enum=sorted(_ROLES_DOC))
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -154,30 +185,55 @@ class ChatMessage(_Strict):
             return self.content
         parts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise InvalidRequestError(f"message content of type {part.type!r} is not supported; only text")
+            if part.text is None:
+                raise InvalidRequestError("a message content part of type 'text' needs a 'text' string")
             parts.append(part.text)
         return "".join(parts)
 
 
-_ROLES = {"system", "user", "assistant", "developer", "tool"}
+_ROLES = set(_ROLES_DOC)
+
+
+def check_messages(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+    """The rule chat and /tokenize share: at least one message, each with a known role."""
+    if messages is None:
+        return None
+    if not messages:
+        raise ValueError("messages must hold at least one message")
+    for m in messages:
+        if m.role not in _ROLES:
+            raise ValueError(f"role must be one of {sorted(_ROLES)}, got {m.role!r}")
+    return messages
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template takes them (developer is a system message to it)."""
+    out = []
+    for m in messages:
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = _doc(..., minItems=1)
+    max_tokens: Int | None = _doc(None, minimum=1)
+    max_completion_tokens: Int | None = _doc(None, minimum=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = _doc(None, minimum=0, maximum=MAX_LOGPROBS)
     add_generation_prompt: bool | None = True  # vLLM extra
-    # Not supported: a 400 says so when they are set.
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    audio: Any = None
-    modalities: Any = None
+    # Not supported: a 400 says so when they are set (the document states what is accepted).
+    tools: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "array", "maxItems": 0}])
+    tool_choice: Any = _doc(None, enum=[None, "none"])
+    functions: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "array", "maxItems": 0}])
+    function_call: Any = _doc(None, enum=[None, "none"])
+    response_format: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text"]}}}])
+    audio: Any = _doc(None, type="null")
+    modalities: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "array", "items": {"enum": ["text"]}, "minItems": 1, "maxItems": 1}])
 
     def _unsupported(self) -> None:
         if self.tools or self.functions:
@@ -192,23 +248,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @field_validator("messages")
     @classmethod
-    def _check_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if not messages:
-            raise ValueError("messages must hold at least one message")
-        for m in messages:
-            if m.role not in _ROLES:
-                raise ValueError(f"role must be one of {sorted(_ROLES)}, got {m.role!r}")
-        return messages
+    def _check_messages(cls, messages):
+        return check_messages(messages)
 
     def template_messages(self) -> list[dict]:
-        out = []
-        for m in self.messages:
-            role = "system" if m.role == "developer" else m.role
-            msg = {"role": role, "content": m.text()}
-            if m.name is not None:
-                msg["name"] = m.name
-            out.append(msg)
-        return out
+        return template_messages(self.messages)
 
     def top_n_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -231,10 +275,15 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
 
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, messages):
+        return check_messages(messages)
+
 
 class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int] = _doc(..., items=TOKEN_ID)
 
 
 def _is_int(v: object) -> bool:
@@ -303,3 +352,126 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, TokenLogprob]], 
         })
     return {"content": content}
 
+
+
+# ---------------- response models: what the OpenAPI document declares (responses are built as dicts) ----------------
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Out):
+    error: ErrorDetail
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    logprob: float | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TokenizeResponse(_Out):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Out):
+    prompt: str
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthResponse(_Out):
+    status: str
+
+
+class VersionResponse(_Out):
+    version: str
