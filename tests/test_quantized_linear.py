@@ -140,9 +140,9 @@ def test_tiny_q8_0_gguf_loads_into_int8_and_q4_0_into_int4(tmp_path):
 
 
 def test_bad_options_raise_config_error_before_loading(monkeypatch):
-    import kvflow.engine.llm_engine as llm_engine
+    import kvflow.worker.model_runner as model_runner
     from kvflow import LLM
-    monkeypatch.setattr(llm_engine, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(model_runner, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(ConfigError, match="quantization must be one of.*int8.*int4"):
         LLM(quantization="int3")
     with pytest.raises(ConfigError, match="dtype must be one of.*auto"):

@@ -27,7 +27,7 @@ def engine_memory(engine) -> dict:
         if t.data_ptr() not in seen and t.device.type != "meta":  # a tied tensor counts once
             seen.add(t.data_ptr())
             weights += t.numel() * t.element_size()
-    kv = sum(t.numel() * t.element_size() for t in engine.runner.kv_caches)
+    kv = sum(t.numel() * t.element_size() for c in engine.runner.kv_caches for t in (c.data, c.scale) if t is not None)
     path = engine.model_path
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
     return {"weights_bytes": weights, "kv_cache_bytes": kv, "model_file_bytes": size}
