@@ -22,6 +22,9 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [B, max_blocks]
     mask: torch.Tensor  # [B, 1, Q, L] bool, True where the query may attend the key
     ctx_lens: torch.Tensor | None = None  # [B] keys per request; set on the decode group, rows [0, B)
+    # True when `mask` is not causal (draft-tree ancestor masks): a backend that would infer a
+    # causal mask from positions must use `mask` as it is for this group.
+    tree: bool = False
 
 
 @dataclass
