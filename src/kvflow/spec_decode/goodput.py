@@ -205,9 +205,12 @@ def choose_counts(cands: list[Candidate], base: StepLayout, model: StepTimeModel
     (every candidate's one decode token and any prompt chunks). Nodes are taken best value first
     across requests; each prefix is priced by the step-time model in this batch's layout, so an
     added node costs what it adds to *this* step (its token, row, keys, and the chunk group's
-    padding), not the average. The best prefix is kept only if it beats no drafts by the margin."""
+    padding), not the average. The best prefix is kept only if it beats no drafts by the margin.
+    Goodput counts prompt tokens as work done: on a compute-bound step drafts never displace them."""
     n = len(cands)
-    base_tokens = float(n)  # every decoding request yields its own next token
+    # Useful work without drafts: each decoding request's next token, and every prompt token the
+    # step computes (drafts that slow prefill down must pay for that too).
+    base_tokens = float(n + base.chunk_tokens)
     t0 = model.predict(base.shape())
     if t0 is None:  # nothing known at all: verify everything once; the step gets measured
         full = [len(c.values) for c in cands]

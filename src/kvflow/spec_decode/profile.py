@@ -1,6 +1,6 @@
 """Seeding the step-time model: time a few batch shapes (tokens in the step x context) on the real
-model before the first request, so the first goodput choices are already right. About a dozen
-forward passes (~1-2 s for the bundled model on 2 CPU threads); only "auto" speculation needs it.
+model before the first request, so the first goodput choices are already right. About twenty
+forward passes (~2 s for the bundled model on 2 CPU threads); only "auto" speculation needs it.
 
 The KV slots it writes are taken from the block pool like any request's and given back, so cached
 prefixes are never overwritten."""
@@ -19,8 +19,9 @@ from kvflow.worker.model_runner import ModelRunner, build_batch
 SHORT, LONG = 16, 512
 # (tokens, context before them, sampled rows): the token curve at a short context, the cost of a
 # sampled row, and the cost of context for one token (decode kernel) and for a chunk.
-SHAPES = ((1, SHORT, 1), (8, SHORT, 8), (32, SHORT, 32), (96, SHORT, 96), (32, SHORT, 1),
-          (1, LONG, 1), (32, LONG, 32))
+# The curve bends most at a few tokens (one token runs the decode kernel, two or more the chunk path).
+SHAPES = ((1, SHORT, 1), (2, SHORT, 2), (4, SHORT, 4), (8, SHORT, 8), (16, SHORT, 16), (32, SHORT, 32),
+          (96, SHORT, 96), (32, SHORT, 1), (1, LONG, 1), (32, LONG, 32))
 
 
 def shape_of(tokens: int, start: int, rows: int) -> StepShape:

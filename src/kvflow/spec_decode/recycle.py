@@ -48,6 +48,14 @@ class TokenRecyclingProposer:
         self.table = torch.full((vocab_size, topk), -1, dtype=torch.int32)
         self.tree = tree
         self.parents, self.ranks, self.prior = build_template(tree_size, topk)
+        # the template level by level: every node of a depth is filled by one lookup
+        d = [0] * len(self.parents)
+        for j, p in enumerate(self.parents):
+            d[j] = 1 if p < 0 else d[p] + 1
+        self.levels = []
+        for depth in range(1, max(d, default=0) + 1):
+            idx = [j for j in range(len(d)) if d[j] == depth]
+            self.levels.append((idx, [self.parents[j] for j in idx], [self.ranks[j] for j in idx]))
 
     def observe(self, input_tokens: list[int], logits: torch.Tensor) -> None:
         """logits[i] is what the target predicted after input_tokens[i] (drafts included: rejected
@@ -80,11 +88,12 @@ class TokenRecyclingProposer:
         if n <= 0 or not requests:
             return [TreeProposal(DraftTree([], []), [], []) for _ in requests]
         roots = torch.tensor([r.all_token_ids[-1] for r in requests], dtype=torch.long)
-        tokens = torch.empty(len(requests), n, dtype=torch.long)
-        for j in range(n):  # parents come first: each node reads its parent's token
-            p = self.parents[j]
-            src = roots if p < 0 else tokens[:, p]
-            tokens[:, j] = torch.where(src >= 0, self.table[src.clamp(min=0), self.ranks[j]].long(), -1)
+        tokens = torch.empty(len(requests), len(self.parents) + 1, dtype=torch.long)
+        tokens[:, -1] = roots  # parent index -1 reads the root
+        for idx, parents, ranks in self.levels:
+            src = tokens[:, parents]
+            tokens[:, idx] = torch.where(src >= 0, self.table[src.clamp(min=0), ranks].long(), -1)
+        tokens = tokens[:, :n]
         out = []
         for row in tokens.tolist():
             keep = [j for j in range(n) if row[j] >= 0]  # a missing parent leaves its children missing

@@ -13,7 +13,7 @@ from typing import Callable
 from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request
 from kvflow.core.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput, accepted_prefix
-from kvflow.core.spec_tree import DraftTree, accept_path
+from kvflow.core.spec_tree import DraftTree, accept_path, depths
 from kvflow.errors import ConfigError
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.spec_decode.draft import DraftProposer
@@ -137,8 +137,12 @@ class Speculator:
             return {}
         if len(self.acceptance.requests) > 4 * len(scheduler.running) + 64:
             self.acceptance.forget({r.request_id for r in scheduler.running})
-        room = max(0, scheduler.config.max_num_batched_tokens - layout.shape().tokens)
-        limits = [min(self._room(r, scheduler), room) for r in decoding]
+        # drafts ride with running requests, which are scheduled before any waiting prompt
+        running_tokens = sum(min(r.num_tokens - r.num_computed_tokens, scheduler.config.max_num_batched_tokens)
+                             for r in scheduler.running)
+        room = max(0, scheduler.config.max_num_batched_tokens - running_tokens)
+        depth_limits = [self._room(r, scheduler) for r in decoding]  # tokens that could still be kept
+        limits = [min(d, room) for d in depth_limits]
         max_k = self.config.max_tokens
         if self.needs_blocks:  # a draft model: choose K first, its drafts cost forward passes
             values = [chain_values(self.acceptance.chain_rate(r.request_id), min(max_k, n)) for r, n in zip(decoding, limits)]
@@ -151,9 +155,10 @@ class Speculator:
             return self._finish(decoding, chosen)
         proposals = self.proposer.propose(decoding, max_k)
         values, ordered = [], []
-        for r, prop, n in zip(decoding, proposals, limits):
+        for r, prop, n, max_depth in zip(decoding, proposals, limits, depth_limits):
             if isinstance(prop, TreeProposal):
-                prop, v = self.acceptance.tree_values(r.request_id, prop.select(list(range(min(n, len(prop))))))
+                keep = [i for i, d in enumerate(depths(prop.tree.parents)) if d <= max_depth][:room]
+                prop, v = self.acceptance.tree_values(r.request_id, prop.select(keep))
             else:
                 prop = prop[:n]
                 v = chain_values(self.acceptance.chain_rate(r.request_id), len(prop))
