@@ -1,5 +1,5 @@
-"""Speculative decoding is lossless: with every proposer (prompt lookup, Token Recycling, a draft
-model, layer-skip self-speculation, and K chosen by goodput), greedy outputs equal the engine's own
+"""Speculative decoding is lossless: with every proposer (prompt lookup, Token Recycling's and
+Lookahead's draft trees, a draft model, layer-skip self-speculation, and K chosen by goodput), greedy outputs equal the engine's own
 non-speculative outputs token for token, alone, in a batch of 32 with prefix caching, and under
 preemption; stop strings, EOS, max_tokens, logprobs, penalties and min_tokens behave as without
 speculation; rejected drafts leave no KV behind; metrics add up; bad configurations fail at start-up.
@@ -28,7 +28,7 @@ from engine_helpers import BASE_PROMPTS, EOS_ID, MODEL, PARAGRAPHS, render_promp
 from kvflow import SamplingParams
 from kvflow.errors import ConfigError, KvflowError
 from kvflow.spec_decode.config import SpeculativeConfig
-from kvflow.spec_decode.goodput import StepTimeModel, choose_k, expected_tokens
+from kvflow.spec_decode.goodput import Candidate, StepLayout, StepTimeModel, chain_values, choose_counts
 from kvflow.core.scheduler import accepted_prefix
 
 MAX_TOKENS = 24
@@ -37,13 +37,15 @@ POOL = 384  # KV blocks of the ordinary engines (32 requests x ~9 blocks fit)
 
 METHODS = {
     "ngram": {"method": "ngram", "num_speculative_tokens": 4},
-    "recycle": {"method": "recycle", "num_speculative_tokens": 3},
+    # Token Recycling's template tree (8 nodes) and Lookahead's n-gram trie: verified as trees.
+    "recycle": {"method": "recycle", "num_speculative_tokens": 8},
+    "lookahead": {"method": "lookahead", "num_speculative_tokens": 8},
     # The target as its own draft: greedy acceptance should be ~100%.
     "draft_self": {"method": "draft", "draft_model": MODEL, "num_speculative_tokens": 3},
     "layer_skip": {"method": "draft", "layer_skip": 24, "num_speculative_tokens": 2},
     "ngram_auto": {"method": "ngram", "num_speculative_tokens": "auto"},
 }
-CORE = ["ngram", "recycle", "draft_self", "layer_skip"]
+CORE = ["ngram", "recycle", "lookahead", "draft_self", "layer_skip"]
 
 
 # ---------------- engines ----------------
@@ -425,7 +427,7 @@ def test_greedy_alone(spec_llm, ref_llm, workload, method, monkeypatch):
     llm = spec_llm(method)
     rec = Recorder(llm, monkeypatch)
     cases = workload["grounded"]
-    if method in ("draft_self", "layer_skip"):
+    if method in ("draft_self", "layer_skip", "recycle", "lookahead"):  # (trees: verification costs more rows)
         cases = cases[::2]
     outs = []
     for c in cases:
@@ -483,7 +485,7 @@ def test_greedy_batch_of_32_with_prefix_cache(spec_llm, ref_llm, workload, metho
         assert set(hist) <= set(range(0, 7)), hist
 
 
-@pytest.mark.parametrize("method", CORE)
+@pytest.mark.parametrize("method", [m for m in CORE if m != "lookahead"])  # recycle covers trees here
 def test_greedy_under_preemption(spec_llm, ref_llm, workload, method, monkeypatch):
     """The 16 grounded prompts at once on a pool far too small for them (4-token blocks, so every
     few tokens a request needs another): requests are preempted after they started decoding and
@@ -615,25 +617,79 @@ def test_seeded_sampling_reproducible_with_speculation(spec_llm):
 
 
 # ---------------- goodput-chosen K ----------------
-def test_choose_k_memory_bound_takes_max_compute_bound_takes_zero():
-    flat, linear = StepTimeModel(), StepTimeModel()
-    for n in range(1, 600):
-        flat.observe(n, 0.05)  # extra tokens are free
-        linear.observe(n, 0.002 * n)  # every token costs its full share
-    assert choose_k([0.3] * 32, [6] * 32, 32, 6, flat) == 6
-    assert choose_k([0.3] * 32, [6] * 32, 32, 6, linear) == 0, "heavy compute-bound load must fall back to K=0"
-    assert choose_k([0.5], [6], 1, 6, StepTimeModel()) == 6, "nothing measured: try the full length"
-    assert choose_k([0.9] * 4, [2, 0, 1, 2], 4, 6, flat) == 2, "K beyond what any request offers is useless"
-    assert expected_tokens(0.5, 0) == 1 and expected_tokens(0.5, 2) == pytest.approx(1.75)
+def _model(f, per_row=0.0, per_kv=0.0, per_pair=0.0) -> StepTimeModel:
+    """A synthetic step-time model: f(tokens) given at the knots."""
+    from kvflow.spec_decode.goodput import KNOTS
+    m = StepTimeModel(per_row=per_row, per_kv=per_kv, per_pair=per_pair)
+    m.f = [f(x) for x in KNOTS]
+    m.error_ema = 0.0
+    return m
 
 
-def test_step_time_model_interpolates():
-    m = StepTimeModel(smoothing=1.0)
-    m.observe(10, 1.0)
-    m.observe(100, 10.0)
-    assert m.predict(m.bucket(10)) == 1.0 and m.predict(m.bucket(100)) == 10.0
-    mid = m.predict(40)
-    assert 1.0 < mid < 10.0
+def _decodes(n: int, ctx: int = 100) -> StepLayout:
+    lay = StepLayout()
+    for _ in range(n):
+        lay.add_decode(ctx + 1)
+    return lay
+
+
+def test_choose_counts_memory_bound_takes_drafts_compute_bound_takes_none():
+    flat = _model(lambda n: 0.05)  # extra tokens are free
+    linear = _model(lambda n: 0.002 * n)  # every token costs its full share
+    cands = [Candidate(chain_values(0.6, 6), 100) for _ in range(32)]
+    assert choose_counts(cands, _decodes(32), flat).counts == [6] * 32
+    assert choose_counts(cands, _decodes(32), linear).counts == [0] * 32, "compute-bound: K must be 0"
+    # even perfect-looking drafts do not pay when each extra token costs its full share plus a row
+    sure = [Candidate([0.99] * 6, 100) for _ in range(8)]
+    assert sum(choose_counts(sure, _decodes(8), _model(lambda n: 0.002 * n, per_row=1e-4)).counts) == 0
+    assert choose_counts([Candidate([0.5] * 6, 10)], _decodes(1), StepTimeModel()).counts == [6], (
+        "nothing measured: try the full length once")
+
+
+def test_choose_counts_uses_marginal_cost_per_request():
+    """A step with a big prompt chunk already pays for the batch: a few drafts cost little there
+    (marginal), though the average cost per token is high; and the good request gets the drafts."""
+    # a fixed cost of 50 ms up to 256 tokens, then linear: drafts are cheap up to the knee
+    knee = _model(lambda n: 0.05 if n <= 256 else 0.05 + 0.001 * (n - 256))
+    lay = _decodes(2)
+    lay.add_chunk(200, 200, 1)
+    good, bad = Candidate(chain_values(0.9, 6), 100), Candidate(chain_values(0.05, 6), 100)
+    c = choose_counts([good, bad], lay, knee)
+    assert c.counts[0] == 6 and c.counts[1] <= 1
+    # past the knee every token costs its full share: nothing
+    lay = _decodes(2)
+    lay.add_chunk(400, 400, 1)
+    assert choose_counts([good, bad], lay, _model(lambda n: 0.001 * n)).counts == [0, 0]
+
+
+def test_choose_counts_margin_beats_the_models_own_error():
+    """A gain smaller than the model's error is not taken."""
+    m = _model(lambda n: 0.05 + 0.004 * (n - 1))  # one extra token: +8%
+    cands = [Candidate([0.1], 100)]  # +10% expected tokens: a 1.8% better goodput
+    assert choose_counts(cands, _decodes(1), m, margin=0.0).counts == [1]
+    assert choose_counts(cands, _decodes(1), m, margin=0.05).counts == [0]
+    m.error_ema = 0.2
+    assert m.margin == pytest.approx(0.3)
+    assert choose_counts([Candidate([0.9] * 4, 100)], _decodes(1), m).counts == [4]
+
+
+def test_step_time_model_seed_fit_and_refine():
+    """Fitted from timed shapes of a known cost law, it predicts unseen shapes; real steps refine it
+    and its error is reported."""
+    from kvflow.spec_decode.profile import SHAPES, shape_of
+
+    def law(s):  # 20 ms + 1 ms/token above 8, 0.3 ms per row, 2 us per key read, 0.1 us per pair
+        return 0.02 + 0.001 * max(0, s.tokens - 8) + 3e-4 * s.rows + 2e-6 * s.kv_reads + 1e-7 * s.attn_pairs
+    m = StepTimeModel()
+    m.fit_seed([(shape_of(n, c if c < 100 else 512, r), law(shape_of(n, c if c < 100 else 512, r))) for n, c, r in SHAPES])
+    for shape in (shape_of(1, 300, 1), shape_of(24, 40, 24), shape_of(64, 16, 64)):
+        assert m.predict(shape) == pytest.approx(law(shape), rel=0.1), shape
+    assert m.relative_error is None
+    big = shape_of(200, 16, 200)
+    for _ in range(30):
+        m.observe(big, 1.5 * law(big))
+    assert m.predict(big) == pytest.approx(1.5 * law(big), rel=0.05)
+    assert m.relative_error > 0
 
 
 def test_accepted_prefix():

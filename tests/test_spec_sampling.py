@@ -242,3 +242,36 @@ def test_engine_speculative_sampling_preserves_distribution(make_llm, expected, 
     p_draft = sum(expected["joint"].get((t1, expected["draft"]), 0.0) for t1 in expected["p1"])
     rate = accepted / drafted
     assert abs(rate - p_draft) < 4 * math.sqrt(p_draft * (1 - p_draft) / drafted) + 0.02, (rate, p_draft)
+
+
+class FixedTree:
+    """For the second output position: a tree of the two likeliest second tokens as siblings,
+    each with a child (the mode's likeliest third token), verified in one pass."""
+
+    def __init__(self, first: int, second: int, third: int):
+        self.tokens = [first, second, third, third]
+
+    def propose(self, requests, k: int):
+        from kvflow.core.spec_tree import DraftTree
+        from kvflow.spec_decode.acceptance import TreeProposal
+        empty = TreeProposal(DraftTree([], []), [], [])
+        a, b, c, _ = self.tokens
+        tree = TreeProposal(DraftTree([a, b, c, c], [-1, -1, 0, 1]), [0, 1, 2, 3], [0.5] * 4)
+        return [tree if r.num_output_tokens == 1 else empty for r in requests]
+
+
+def test_engine_tree_verification_preserves_distribution(make_llm, expected, monkeypatch):
+    """Sampled verification of a tree (the target's draw at each node decides which child, if any,
+    is followed): the joint of (t1, t2) and t3 given (t1, t2) are the model's."""
+    llm = make_llm(num_gpu_blocks=128, speculative_config=json.dumps({"method": "recycle", "num_speculative_tokens": 4}))
+    spec = llm.engine.speculator
+    mode = expected["mode"]
+    seconds = sorted(expected["joint"], key=lambda k: -expected["joint"][k])
+    second = [t2 for t1, t2 in seconds if t1 == mode][:2]
+    third = max(expected["p3"][(mode, second[0])], key=expected["p3"][(mode, second[0])].get)
+    monkeypatch.setattr(spec, "proposer", FixedTree(second[0], second[1], third))
+    d0, a0, t0 = spec.stats.num_drafts, spec.stats.num_accepted, spec.stats.num_trees
+    samples = _sample(llm, expected["ids"])
+    assert spec.stats.num_trees - t0 >= N_SEEDS * 0.9
+    assert 0 < spec.stats.num_accepted - a0 < spec.stats.num_drafts - d0
+    _check(samples, expected, "tree verification")

@@ -18,7 +18,9 @@ Measured, greedy with EOS ignored (every request generates exactly --output-len 
   peer      transformers on the same weights, single request, grounded workload: plain
             `generate` vs prompt-lookup assisted generation (`prompt_lookup_num_tokens`).
 Each speculative row reports its ratio to the no-speculation row of the same table, the
-acceptance rate, mean K, and whether its tokens equal the no-speculation tokens (greedy decoding is
+acceptance rate, mean K (draft tokens or tree nodes per decoding request per step), the mean tree
+size and accepted drafts per verification, the step-time model's mean relative prediction error
+("t-model err"), and whether its tokens equal the no-speculation tokens (greedy decoding is
 lossless, so they must, up to float ties).
 
 All methods run on one engine (one model load): its speculator is swapped between rows, and
@@ -50,10 +52,11 @@ WORKLOADS = ("grounded", "chat")
 # Named methods: --methods picks among these (or NAME=JSON adds one).
 METHODS = {
     "ngram": {"method": "ngram", "num_speculative_tokens": 4},
-    "recycle": {"method": "recycle", "num_speculative_tokens": 4},
+    "recycle": {"method": "recycle", "num_speculative_tokens": "auto"},  # the template tree, nodes by goodput
+    "recycle_path": {"method": "recycle", "tree": False, "num_speculative_tokens": 4},
+    "lookahead": {"method": "lookahead", "num_speculative_tokens": "auto"},
     "layer_skip": {"method": "draft", "layer_skip": 24, "num_speculative_tokens": 2},
     "auto": {"method": "ngram", "num_speculative_tokens": "auto"},
-    "recycle_auto": {"method": "recycle", "num_speculative_tokens": "auto"},
 }
 INSTRUCTIONS = (
     "Repeat the following text exactly, word for word:",
@@ -307,7 +310,8 @@ def _fmt(x, spec: str = ".1f") -> str:
 def format_spec_result(res: dict) -> str:
     lines = [f"model {res['model']} ({res['dtype']}, {res['device']}, {res['torch_threads']} threads), "
              f"greedy, {res['output_len']} output tokens per request, EOS ignored"]
-    header = f"  {'':<14}{'tok/s':>9}{'vs no-spec':>12}{'accept':>9}{'mean K':>8}{'same tokens':>13}"
+    header = (f"  {'':<14}{'tok/s':>9}{'vs no-spec':>12}{'accept':>9}{'mean K':>8}{'tree':>7}{'acc/step':>9}"
+              f"{'t-model err':>12}{'same tokens':>13}")
 
     def table(rows: dict, key: str) -> list[str]:
         out = [header]
@@ -315,7 +319,10 @@ def format_spec_result(res: dict) -> str:
             s = row.get("spec") or {}
             ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}x"
             out.append(f"  {name:<14}{_fmt(row.get(key)):>9}{ratio:>12}{_fmt(s.get('acceptance_rate'), '.2f'):>9}"
-                       f"{_fmt(s.get('mean_k'), '.2f'):>8}{row['same_tokens']:>7}/{row['num_requests']:<5}")
+                       f"{_fmt(s.get('mean_k'), '.2f'):>8}{_fmt(s.get('mean_tree_size'), '.1f'):>7}"
+                       f"{_fmt(s.get('accepted_per_step'), '.2f'):>9}"
+                       f"{_fmt(None if s.get('step_time_error') is None else 100 * s['step_time_error'], '.1f') + '%':>12}"
+                       f"{row['same_tokens']:>7}/{row['num_requests']:<5}")
         return out
 
     for workload, w in res["workloads"].items():

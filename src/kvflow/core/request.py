@@ -49,6 +49,7 @@ class Request:
     metrics: RequestMetrics = field(init=False)
     # Speculative decoding: draft tokens to verify next step, and counters.
     spec_token_ids: list[int] = field(default_factory=list)
+    spec_tree_parents: list[int] | None = None  # set when the drafts are a tree (core/spec_tree.py)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     acceptance_ema: float = 0.5

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from kvflow.config import SchedulerConfig
 from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request, RequestStatus
+from kvflow.core.spec_tree import DraftTree, accept_path, path_kv_moves
 from kvflow.outputs import Logprob
 
 
@@ -27,6 +28,7 @@ class ScheduledRequest:
     num_new_tokens: int  # includes the speculative tokens
     start: int  # num_computed_tokens before this step
     spec_token_ids: list[int] = field(default_factory=list)
+    spec_parents: list[int] | None = None  # a draft tree's parent indices (None: a chain)
 
     @property
     def samples(self) -> bool:
@@ -72,6 +74,9 @@ class StepUpdate:
     verified: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, drafts, accepted)
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    # Draft trees: (from slot, to slot) KV copies that put each accepted path at contiguous
+    # positions. The engine has the runner apply them before anything else is scheduled.
+    kv_moves: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _importance(r: Request) -> tuple[int, float]:
@@ -107,10 +112,11 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             spec = self._spec_tokens(req, n, budget)
+            parents = req.spec_tree_parents[:len(spec)] if spec and req.spec_tree_parents is not None else None
             n += len(spec)
             while not self.reserve(req, req.num_computed_tokens + n):
                 if spec:  # drafts are a guess: drop them before preempting anyone
-                    n, spec = n - len(spec), []
+                    n, spec, parents = n - len(spec), [], None
                     continue
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -119,7 +125,7 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:  # it was the least important one left
                 break
-            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens, spec))
+            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens, spec, parents))
             budget -= n
             i += 1
 
@@ -175,7 +181,7 @@ class Scheduler:
         self.running.remove(req)
         self.pool.free(req)
         req.num_computed_tokens = 0
-        req.spec_token_ids = []
+        req.spec_token_ids, req.spec_tree_parents = [], None
         req.draft_num_computed = 0  # a draft model's KV went with the blocks
         req.status = RequestStatus.WAITING
         req.metrics.num_preemptions += 1
@@ -195,7 +201,10 @@ class Scheduler:
                 req.prompt_logprobs.extend(out.prompt_logprobs[req.request_id])
             sampled = out.sampled.get(req.request_id)
             if sampled is not None:
-                update.num_generated_tokens += self._apply_sampled(req, s.spec_token_ids, sampled, now, update)
+                if s.spec_parents is None:
+                    update.num_generated_tokens += self._apply_sampled(req, s.spec_token_ids, sampled, now, update)
+                else:
+                    update.num_generated_tokens += self._apply_tree(req, s, sampled, now, update)
                 update.touched.append(req)
             if not req.is_finished:
                 self.pool.trim(req)
@@ -217,6 +226,28 @@ class Scheduler:
             if req.is_finished:
                 return j + 1
         return accepted + 1
+
+    def _apply_tree(self, req: Request, s: ScheduledRequest, sampled: SampledTokens, now: float,
+                    update: StepUpdate) -> int:
+        """A draft tree: accept the longest path whose tokens equal the target's draws (row 0 is the
+        draw after the root, row 1 + i the draw after node i), keep only that path's KV (moved down
+        to contiguous slots), append its tokens and the draw after its last node."""
+        drafts, parents = s.spec_token_ids, s.spec_parents
+        path = accept_path(drafts, parents, sampled.token_ids)
+        req.num_computed_tokens -= len(drafts) - len(path)
+        req.draft_num_computed = min(req.draft_num_computed, req.num_computed_tokens)
+        req.spec_token_ids, req.spec_tree_parents = [], None
+        update.verified.append((req, len(drafts), len(path)))
+        root = s.start + s.num_new_tokens - len(drafts) - 1  # the root token's position
+        rows = [0] + [node + 1 for node in path]
+        for j, row in enumerate(rows):
+            self._append(req, sampled.token_ids[row], sampled, row, now)
+            if req.is_finished:
+                return j + 1
+        bs = self.pool.block_size
+        slot = lambda pos: req.block_ids[pos // bs] * bs + pos % bs  # noqa: E731
+        update.kv_moves.extend((slot(a), slot(b)) for a, b in path_kv_moves(root, path))
+        return len(rows)
 
     def _append(self, req: Request, token: int, sampled: SampledTokens, row: int, now: float) -> None:
         req.append_token(token)
@@ -244,10 +275,16 @@ class Scheduler:
             return self.finish(req, "length")
 
     # ---- drafts, endings, hand-over ----
-    def set_draft_tokens(self, drafts: dict[Request, list[int]]) -> None:
-        """The drafts each running request verifies next step (none for those not named)."""
+    def set_draft_tokens(self, drafts: dict[Request, list[int] | DraftTree]) -> None:
+        """The drafts each running request verifies next step (none for those not named): a chain
+        of tokens, or a DraftTree whose nodes list parents before children."""
         for req in self.running:
-            req.spec_token_ids = drafts.get(req, [])
+            d = drafts.get(req, [])
+            if isinstance(d, DraftTree) and not d.is_chain:
+                req.spec_token_ids, req.spec_tree_parents = list(d.token_ids), list(d.parents)
+            else:  # a chain (a one-branch tree is verified as one)
+                req.spec_token_ids = list(d.token_ids) if isinstance(d, DraftTree) else d
+                req.spec_tree_parents = None
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         if req.status == RequestStatus.RUNNING:
@@ -265,6 +302,7 @@ class Scheduler:
         """Take over a request exported by another instance. A running one gets fresh blocks for
         its computed tokens (the caller writes their KV into them); False if the pool is short."""
         req.block_ids, req.spec_token_ids, req.draft_num_computed = [], [], 0
+        req.spec_tree_parents = None
         if req.num_computed_tokens == 0 or req.status != RequestStatus.RUNNING:
             req.status, req.num_computed_tokens = RequestStatus.WAITING, 0
             self.add(req)

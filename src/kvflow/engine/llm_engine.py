@@ -79,6 +79,8 @@ class LLMEngine:
             draft_runner = ModelRunner(self.config, model=spec.draft_model, num_blocks=self.runner.num_blocks)
         proposer = build_proposer(spec, self.runner, draft_runner, self.config.scheduler.max_model_len)
         self.speculator = Speculator(spec, proposer, self.scheduler.reserve)
+        if spec.auto and draft_runner is None:  # goodput needs step times before the first step
+            self.speculator.seed_step_time(self.runner, self.block_pool)
 
     @property
     def parents(self) -> dict[str, ParentRequest]:
@@ -174,6 +176,8 @@ class LLMEngine:
         result = self.runner.execute(sched)
         seconds = time.perf_counter() - started
         update = self.scheduler.update_from_output(sched, result)
+        if update.kv_moves:  # accepted draft-tree paths, down to contiguous slots, before anything reuses them
+            self.runner.copy_kv_slots(update.kv_moves)
         self.num_prompt_tokens_total += update.num_prompt_tokens
         self.num_generation_tokens_total += update.num_generated_tokens
         if self.speculator is not None:

@@ -53,6 +53,9 @@ class AttentionGroup:
             keys = torch.arange(num_keys, device=self.q_positions.device)
             self.mask = (keys[None, None, :] <= self.q_positions[:, :, None])[:, None]  # causal; hides padding keys
         return self.mask
+    # True when `mask` is not causal (draft-tree ancestor masks): a backend that would infer a
+    # causal mask from positions must use `mask` as it is for this group.
+    tree: bool = False
 
 
 @dataclass
@@ -105,6 +108,8 @@ def paged_attention(
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     backend = resolve_backend(meta.backend, q.device)
+    if backend == "triton" and any(g.tree for g in meta.groups):
+        backend = "torch"  # the triton chunk kernel is causal: draft-tree masks go through SDPA
     if backend == "triton":
         from kvflow.layers.triton.attention import triton_paged_attention  # imports triton on first use
         return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale)

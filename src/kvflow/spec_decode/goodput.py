@@ -1,79 +1,256 @@
-"""Speculation length chosen per step by expected goodput (SmartSpec).
+"""How many draft tokens each request verifies this step, by expected goodput (SmartSpec).
 
-goodput(K) = expected tokens generated this step / predicted step time. Each request's expected
-tokens with k drafts is 1 + a + a^2 + ... + a^k for its acceptance rate a (a moving average of what
-it got accepted). The step time comes from measured steps, indexed by the batch's token count: on a
-memory-bound batch extra tokens are nearly free and K grows; on a compute-bound one they cost their
-full share and K falls to 0."""
+goodput = expected tokens generated this step / predicted step time. Every draft node a request
+could verify has a value: the probability that it ends up on the accepted path (a^d for the d-th
+token of a chain with per-token acceptance a; a learned reach rate for a tree node). Nodes are
+added best value first, across all requests, and each prefix of that order is priced by the
+step-time model with the *marginal* cost of its extra tokens in this step's batch (the batch's other
+tokens are paid for anyway). The best prefix wins, but only when its goodput beats no speculation by
+more than the model's own prediction error: on a compute-bound batch, where an extra token costs
+its full share, that is never, and speculation never loses.
+
+The step-time model is right before it has seen a shape: `seed_shapes` times a few batches at
+start-up (tokens in the step x context), and every real step refines it."""
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass, field
 
 
+@dataclass
+class StepShape:
+    """What a step's time depends on, in this engine's kernels' terms."""
+    tokens: int  # tokens in the forward pass (linear layers)
+    rows: int  # rows sampled (lm head + sampler)
+    kv_reads: int = 0  # keys each request reads, summed over requests (memory-bound attention)
+    attn_pairs: int = 0  # query x key pairs, with the chunk group's padding (compute-bound attention)
+
+
+KNOTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+@dataclass
 class StepTimeModel:
-    """Moving average of step time per token-count bucket, interpolated between measured buckets.
-    Outside them it extends the nearest measured slope (flat with one bucket); above, that is
-    optimistic: an unmeasured size is tried once and then known."""
+    """t = f(tokens) + per_row * rows + per_kv * kv_reads + per_pair * attn_pairs, with f piecewise
+    linear over KNOTS (linear past the last). Seeded by `fit_seed`, refined by `observe` (f moves
+    toward each step's residual at its token count); `relative_error` is the running mean of
+    |predicted - measured| / measured over real steps, taken before each refinement."""
+    smoothing: float = 0.2
+    f: list[float] | None = None
+    per_row: float = 0.0
+    per_kv: float = 0.0
+    per_pair: float = 0.0
+    error_sum: float = 0.0
+    num_observed: int = 0
+    error_ema: float = 0.05
+    _seeded: list[bool] = field(default_factory=lambda: [False] * len(KNOTS))
 
-    def __init__(self, smoothing: float = 0.3):
-        self.smoothing = smoothing
-        self.times: dict[int, float] = {}
+    @property
+    def ready(self) -> bool:
+        return self.f is not None
+
+    @property
+    def relative_error(self) -> float | None:
+        return self.error_sum / self.num_observed if self.num_observed else None
+
+    # ---- fitting ----
+    def fit_seed(self, samples: list[tuple[StepShape, float]]) -> None:
+        """Least-effort fit from timed shapes: pairs that differ in one factor give its unit cost,
+        the rest is f at the measured token counts (interpolated and extrapolated between)."""
+        def find(pred):
+            return [(s, t) for s, t in samples if pred(s)]
+        small = {s.tokens: (s, t) for s, t in samples if s.rows == s.tokens and s.kv_reads <= 64}
+        by_rows = [(s, t) for s, t in samples if s.rows == 1 and s.tokens > 1 and s.kv_reads <= 64]
+        if by_rows and by_rows[0][0].tokens in small:
+            s1, t1 = by_rows[0]
+            s0, t0 = small[s1.tokens]
+            self.per_row = max(0.0, (t0 - t1) / (s0.rows - s1.rows))
+        long = find(lambda s: s.kv_reads > 64)
+        deltas = []  # (d_kv, d_pairs, d_t) against the short-context shape with the same tokens
+        for s, t in long:
+            if s.tokens in small:
+                s0, t0 = small[s.tokens]
+                deltas.append((s.kv_reads - s0.kv_reads, s.attn_pairs - s0.attn_pairs, t - t0))
+        if len(deltas) >= 2:
+            (k1, p1, t1), (k2, p2, t2) = sorted(deltas, key=lambda d: d[1] / max(1, d[0]))[:: len(deltas) - 1]
+            det = k1 * p2 - k2 * p1
+            if det:
+                self.per_kv = max(0.0, (t1 * p2 - t2 * p1) / det)
+                self.per_pair = max(0.0, (t2 - self.per_kv * k2) / p2) if p2 else 0.0
+        elif deltas:
+            k, p, t = deltas[0]
+            self.per_kv = max(0.0, t / (k + p))
+        pts = sorted((s.tokens, t - self._extra(s)) for s, t in small.values())
+        self.f = [self._interp(pts, x) for x in KNOTS]
+        self._seeded = [any(abs(x - n) == 0 for n, _ in pts) for x in KNOTS]
 
     @staticmethod
-    def bucket(n: int) -> int:
-        b = 1
-        while b < n:
-            b = b * 3 // 2 + (b < 2)
-        return b
+    def _interp(pts: list[tuple[int, float]], x: float) -> float:
+        xs = [p[0] for p in pts]
+        i = bisect.bisect_left(xs, x)
+        if i < len(xs) and xs[i] == x:
+            return pts[i][1]
+        if len(pts) == 1:
+            return pts[0][1]
+        if i == 0:
+            (x0, y0), (x1, y1) = pts[0], pts[1]
+        elif i == len(pts):
+            (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        else:
+            (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        slope = max(0.0, (y1 - y0) / (x1 - x0))
+        return max(0.05 * y0, y0 + slope * (x - x0))
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        b = self.bucket(num_tokens)
-        old = self.times.get(b)
-        self.times[b] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+    def _extra(self, s: StepShape) -> float:
+        return self.per_row * s.rows + self.per_kv * s.kv_reads + self.per_pair * s.attn_pairs
 
-    def predict(self, num_tokens: int) -> float | None:
-        if not self.times:
+    def _f(self, n: float) -> float:
+        f = self.f
+        if n <= KNOTS[0]:
+            return f[0]
+        if n >= KNOTS[-1]:
+            return f[-1] + (f[-1] - f[-2]) / (KNOTS[-1] - KNOTS[-2]) * (n - KNOTS[-1])
+        i = bisect.bisect_right(KNOTS, n)
+        x0, x1 = KNOTS[i - 1], KNOTS[i]
+        w = (n - x0) / (x1 - x0)
+        return (1 - w) * f[i - 1] + w * f[i]
+
+    def predict(self, s: StepShape) -> float | None:
+        if self.f is None:
             return None
-        keys = sorted(self.times)
-        b = self.bucket(num_tokens)
-        if b in self.times:
-            return self.times[b]
-        i = bisect.bisect_left(keys, b)
-        if i == 0:  # below everything measured: extend the smallest slope down (never free)
-            if len(keys) < 2:
-                return self.times[keys[0]]
-            x0, x1 = keys[0], keys[1]
-            slope = max(0.0, (self.times[x1] - self.times[x0]) / (x1 - x0))
-            return max(0.1 * self.times[x0], self.times[x0] - slope * (x0 - b))
-        if i == len(keys):
-            if len(keys) < 2:
-                return self.times[keys[-1]]
-            x0, x1 = keys[-2], keys[-1]
-            slope = max(0.0, (self.times[x1] - self.times[x0]) / (x1 - x0))
-            return self.times[x1] + slope * (b - x1)
-        x0, x1 = keys[i - 1], keys[i]
-        w = (b - x0) / (x1 - x0)
-        return (1 - w) * self.times[x0] + w * self.times[x1]
+        return self._f(s.tokens) + self._extra(s)
+
+    def observe(self, s: StepShape, seconds: float) -> None:
+        """Record a real step: update the error, then move f's two nearest knots toward it."""
+        if seconds <= 0:
+            return
+        pred = self.predict(s)
+        if pred is None:  # never seeded: start from this one step, flat
+            self.f = [seconds] * len(KNOTS)
+            return
+        err = abs(pred - seconds) / seconds
+        self.error_sum += err
+        self.num_observed += 1
+        self.error_ema = 0.9 * self.error_ema + 0.1 * err
+        resid = max(1e-6, seconds - self._extra(s))
+        n = min(max(s.tokens, KNOTS[0]), KNOTS[-1])
+        i = max(1, bisect.bisect_right(KNOTS, n))
+        i = min(i, len(KNOTS) - 1)
+        x0, x1 = KNOTS[i - 1], KNOTS[i]
+        w = (n - x0) / (x1 - x0)
+        cur = self._f(n)
+        for j, wj in ((i - 1, 1 - w), (i, w)):
+            # a knot never measured takes the first real evidence fully; later ones by the EMA
+            a = self.smoothing * wj
+            self.f[j] += a * (resid - cur)
+
+    @property
+    def margin(self) -> float:
+        """How much better speculation must look than no speculation before it is tried."""
+        return max(0.02, min(0.3, 1.5 * self.error_ema))
+
+
+# ---------------- choosing the drafts ----------------
+@dataclass
+class StepLayout:
+    """A step as the model runner lays it out: single-token decodes (the decode kernel reads each
+    one's keys), and multi-token chunks padded to the longest chunk and context (one attention
+    call). Speculating moves a decode into the chunk group and makes it longer."""
+    decode_tokens: int = 0
+    decode_ctx: int = 0
+    chunk_count: int = 0
+    chunk_tokens: int = 0
+    chunk_max_q: int = 0
+    chunk_max_ctx: int = 0
+    rows: int = 0
+
+    def add_decode(self, ctx: int, rows: int = 1) -> None:
+        self.decode_tokens += 1
+        self.decode_ctx += ctx
+        self.rows += rows
+
+    def add_chunk(self, n: int, ctx: int, rows: int) -> None:
+        self.chunk_count += 1
+        self.chunk_tokens += n
+        self.chunk_max_q = max(self.chunk_max_q, n)
+        self.chunk_max_ctx = max(self.chunk_max_ctx, ctx)
+        self.rows += rows
+
+    def shape(self) -> StepShape:
+        return StepShape(self.decode_tokens + self.chunk_tokens, self.rows,
+                         self.decode_ctx + self.chunk_count * self.chunk_max_ctx,
+                         self.decode_ctx + self.chunk_count * self.chunk_max_q * self.chunk_max_ctx)
+
+
+@dataclass
+class Candidate:
+    """One decoding request's offer: node values best first (parents before children, so each
+    value is at most its parent's), and its context length (tokens before the next one)."""
+    values: list[float]
+    context: int
+
+
+@dataclass
+class Choice:
+    counts: list[int]  # nodes per candidate
+    expected_tokens: float
+    predicted_s: float | None
+    base_goodput: float | None  # expected tokens / s without drafts
+    goodput: float | None
+
+
+def choose_counts(cands: list[Candidate], base: StepLayout, model: StepTimeModel,
+                  margin: float | None = None) -> Choice:
+    """Per request, how many of its nodes to verify this step. `base` is the step without drafts
+    (every candidate's one decode token and any prompt chunks). Nodes are taken best value first
+    across requests; each prefix is priced by the step-time model in this batch's layout, so an
+    added node costs what it adds to *this* step (its token, row, keys, and the chunk group's
+    padding), not the average. The best prefix is kept only if it beats no drafts by the margin.
+    Goodput counts prompt tokens as work done: on a compute-bound step drafts never displace them."""
+    n = len(cands)
+    # Useful work without drafts: each decoding request's next token, and every prompt token the
+    # step computes (drafts that slow prefill down must pay for that too).
+    base_tokens = float(n + base.chunk_tokens)
+    t0 = model.predict(base.shape())
+    if t0 is None:  # nothing known at all: verify everything once; the step gets measured
+        full = [len(c.values) for c in cands]
+        return Choice(full, base_tokens + sum(sum(c.values) for c in cands), None, None, None)
+    order = sorted(((v, i) for i, c in enumerate(cands) for v in c.values if v > 0.005), key=lambda x: -x[0])
+    margin = model.margin if margin is None else margin
+    g0 = base_tokens / t0
+    best_ratio, best_upto, best_t = g0, 0, t0
+    lay = StepLayout(**vars(base))
+    chosen = [0] * n
+    expected = base_tokens
+    for step, (v, i) in enumerate(order, 1):
+        ctx = cands[i].context
+        if chosen[i] == 0:  # leaves the decode group: its root becomes a chunk's first token
+            lay.decode_tokens -= 1
+            lay.decode_ctx -= ctx + 1
+            lay.chunk_count += 1
+            lay.chunk_tokens += 1
+        chosen[i] += 1
+        lay.chunk_tokens += 1
+        lay.rows += 1
+        lay.chunk_max_q = max(lay.chunk_max_q, chosen[i] + 1)
+        lay.chunk_max_ctx = max(lay.chunk_max_ctx, ctx + chosen[i] + 1)
+        expected += v
+        t = model.predict(lay.shape())
+        if expected / t > best_ratio:
+            best_ratio, best_upto, best_t = expected / t, step, t
+    counts = [0] * n
+    if best_ratio < g0 * (1 + margin):
+        return Choice(counts, base_tokens, t0, g0, g0)
+    for _, i in order[:best_upto]:
+        counts[i] += 1
+    return Choice(counts, best_ratio * best_t, best_t, g0, best_ratio)
+
+
+def chain_values(acceptance: float, k: int) -> list[float]:
+    """Reach probability of each token of a chain whose tokens are accepted with this probability each."""
+    return [acceptance ** d for d in range(1, k + 1)]
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
     """1 (the bonus token) plus the expected accepted drafts out of k."""
-    return sum(acceptance ** i for i in range(k + 1))
-
-
-def choose_k(acceptances: list[float], draft_lens: list[int], base_tokens: int, max_k: int,
-             step_time: StepTimeModel) -> int:
-    """The K in [0, max_k] with the highest expected tokens per second for this batch.
-    draft_lens: how many drafts each request could offer (<= max_k)."""
-    best_k, best = 0, -1.0
-    for k in range(max_k + 1):
-        lens = [min(k, n) for n in draft_lens]
-        if k > 0 and lens == [min(k - 1, n) for n in draft_lens]:
-            break  # no request has more to offer
-        t = step_time.predict(base_tokens + sum(lens))
-        if t is None:
-            return max_k  # nothing measured yet: try the full length once
-        tokens = sum(expected_tokens(a, n) for a, n in zip(acceptances, lens))
-        if tokens / t > best * 1.0001:  # ties go to the shorter, cheaper K
-            best_k, best = k, tokens / t
-    return best_k
+    return 1.0 + sum(chain_values(acceptance, k))

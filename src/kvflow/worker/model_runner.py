@@ -17,6 +17,7 @@ import torch
 from kvflow.config import EngineConfig, ModelConfig, parse_dtype, parse_quantization
 from kvflow.core.request import Request
 from kvflow.core.scheduler import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
+from kvflow.core.spec_tree import ancestors, depths, path_tokens
 from kvflow.errors import ConfigError
 from kvflow.layers import kernel_choice, kv_quant
 from kvflow.layers.attention import AttentionGroup, AttentionMetadata, resolve_backend
@@ -37,8 +38,12 @@ class Batch:
     last_token: torch.Tensor  # [R] flat index of each item's last token
 
 
-def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device) -> Batch:
-    """items: (token ids, start position, block ids) per request, single-token ones first."""
+def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device,
+                trees: list[list[int] | None] | None = None) -> Batch:
+    """items: (token ids, start position, block ids) per request, single-token ones first.
+    trees: per item, None or the parent indices of a draft tree that ends its chunk (core/spec_tree.py):
+    those tokens keep their own KV slots but take the rotary position of their depth and attend only
+    to their ancestors."""
     bs = block_size
     lens_t = torch.tensor([len(t) for t, _, _ in items])
     starts_t = torch.tensor([s for _, s, _ in items])
@@ -74,8 +79,11 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
         for rows, is_fresh in ([(multi[fresh], True), (multi[~fresh], False)] if split
                                else [(multi, bool(fresh.all()))]):
             groups.append(_chunk_group(rows, lens_t, first_token, ctx_lens, tables, positions, bs, device, is_fresh))
+    rope_positions = positions
+    if trees is not None and any(t for t in trees):
+        rope_positions = _apply_trees(trees, groups, positions, first_token, lens_t)
     all_ids = [t for ids, _, _ in items for t in ids]
-    return Batch(torch.tensor(all_ids, dtype=torch.long, device=device), positions.to(device),
+    return Batch(torch.tensor(all_ids, dtype=torch.long, device=device), rope_positions.to(device),
                  AttentionMetadata(slot_mapping.to(device), groups), first_token + lens_t - 1)
 
 
@@ -93,6 +101,29 @@ def _chunk_group(rows, lens_t, first_token, ctx_lens, tables, positions, bs: int
     group.query_start_loc = torch.cat([m_first, m_first[-1:] + m_lens[-1:]]).to(device)
     group.seq_lens, group.max_query_len = ctx_lens[rows].to(device), int(m_lens.max())
     return group
+
+
+def _apply_trees(trees, groups, positions, first_token, lens_t) -> torch.Tensor:
+    """Draft trees: each node's rotary position is its root's plus its depth, and in the chunk
+    group's mask a node sees the keys of its ancestors (and itself) instead of every earlier slot."""
+    rope = positions.clone()
+    chunk = groups[-1]  # drafts follow a cached prefix: never in the fresh-prompt group
+    mask, first_rows = chunk.attn_mask(), chunk.token_index[:, 0].tolist()
+    for i, parents in enumerate(trees):
+        if not parents:
+            continue
+        b = first_rows.index(int(first_token[i]))  # this item's row in the group
+        n = len(parents)
+        first = int(first_token[i] + lens_t[i]) - n  # flat index of node 0
+        root_pos = int(positions[first]) - 1
+        rope[first:first + n] = root_pos + torch.tensor(depths(parents))
+        anc = torch.zeros(n, n, dtype=torch.bool)
+        for j, path in enumerate(ancestors(parents)):
+            anc[j, path] = True
+        q0 = int(lens_t[i]) - n  # the nodes' rows in this item's chunk
+        mask[b, 0, q0:q0 + n, root_pos + 1:root_pos + 1 + n] = anc.to(mask.device)
+        chunk.tree = True
+    return rope
 
 
 def _group(index, valid, tables, q_positions, block_size: int, device) -> AttentionGroup:
@@ -181,7 +212,9 @@ class ModelRunner:
             hidden = self.graphs.run([s.token_ids[0] for s in items], [s.start for s in items],
                                      [s.request.block_ids for s in items])
             return hidden, list(range(len(items)))
-        batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device)
+        trees = [s.spec_parents for s in items] if any(s.spec_parents for s in items) else None
+        batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device,
+                            trees)
         batch.meta.backend = self.attention_backend
         return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta), batch.last_token.tolist()
 
@@ -195,7 +228,11 @@ class ModelRunner:
             k = len(s.spec_token_ids)
             last = last_token[i]
             rows.extend(range(last - k, last + 1))
-            sampling_rows.extend(_sampling_row(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
+            if s.spec_parents is None:
+                sampling_rows.extend(_sampling_row(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
+            else:  # a tree: row 1 + i sees the path to node i
+                paths = [[]] + path_tokens(s.spec_token_ids, s.spec_parents)
+                sampling_rows.extend(_sampling_row(s.request, p) for p in paths)
         return rows, sampling_rows
 
     @staticmethod
@@ -224,6 +261,15 @@ class ModelRunner:
                 rows.extend(range(first + lo - s.start, first + hi - s.start))
                 out.append((req, hi - lo))
         return out
+
+    def copy_kv_slots(self, moves: list[tuple[int, int]]) -> None:
+        """Copy the KV of cache slot a to slot b for each (a, b): an accepted tree path moved down
+        to contiguous positions (StepUpdate.kv_moves). Reads all sources before writing."""
+        src = torch.tensor([a for a, _ in moves], dtype=torch.long, device=self.device)
+        dst = torch.tensor([b for _, b in moves], dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:
+            flat = cache.view(2, -1, *cache.shape[3:])
+            flat[:, dst] = flat[:, src]
 
     # ---- KV hand-over (live migration, prefill/decode split) ----
     def read_kv(self, block_ids: list[int], num_tokens: int) -> list[torch.Tensor]:

@@ -1,0 +1,64 @@
+"""Seeding the step-time model: time a few batch shapes (tokens in the step x context) on the real
+model before the first request, so the first goodput choices are already right. About twenty
+forward passes (~2 s for the bundled model on 2 CPU threads); only "auto" speculation needs it.
+
+The KV slots it writes are taken from the block pool like any request's and given back, so cached
+prefixes are never overwritten."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvflow.core.kv_cache import BlockPool
+from kvflow.core.request import Request
+from kvflow.sampling_params import SamplingParams
+from kvflow.spec_decode.goodput import StepLayout, StepShape
+from kvflow.worker.model_runner import ModelRunner, build_batch
+
+SHORT, LONG = 16, 512
+# (tokens, context before them, sampled rows): the token curve at a short context, the cost of a
+# sampled row, and the cost of context for one token (decode kernel) and for a chunk.
+# The curve bends most at a few tokens (one token runs the decode kernel, two or more the chunk path).
+SHAPES = ((1, SHORT, 1), (2, SHORT, 2), (4, SHORT, 4), (8, SHORT, 8), (16, SHORT, 16), (32, SHORT, 32),
+          (96, SHORT, 96), (32, SHORT, 1), (1, LONG, 1), (32, LONG, 32))
+
+
+def shape_of(tokens: int, start: int, rows: int) -> StepShape:
+    lay = StepLayout()
+    if tokens == 1:
+        lay.add_decode(start + 1, rows)
+    else:
+        lay.add_chunk(tokens, start + tokens, rows)
+    return lay.shape()
+
+
+@torch.inference_mode()
+def time_shapes(runner: ModelRunner, pool: BlockPool, repeats: int = 2) -> list[tuple[StepShape, float]]:
+    long = min(LONG, pool.num_blocks * pool.block_size - 128)
+    shapes = [(n, c if c == SHORT else long, r) for n, c, r in SHAPES]
+    if long < 4 * SHORT:
+        shapes = [s for s in shapes if s[1] == SHORT]
+    need = max(c + n for n, c, _ in shapes)
+    probe = Request("__step_time_probe__", [0], SamplingParams(), 0.0)
+    if not pool.allocate_slots(probe, need):
+        return []
+    try:
+        out = []
+        _run(runner, probe.block_ids, *shapes[0])  # warm-up
+        for n, c, rows in shapes:
+            best = min(_run(runner, probe.block_ids, n, c, rows) for _ in range(repeats))
+            out.append((shape_of(n, c, rows), best))
+        return out
+    finally:
+        pool.free(probe)
+
+
+def _run(runner: ModelRunner, block_ids: list[int], n: int, start: int, rows: int) -> float:
+    tokens = [(7 * i + 11) % runner.model_config.vocab_size for i in range(n)]
+    started = time.perf_counter()
+    batch = build_batch([(tokens, start, block_ids)], runner.block_size, runner.device)
+    hidden = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
+    logits = runner.model.compute_logits(hidden[-rows:])
+    torch.log_softmax(logits, dim=-1).argmax(dim=-1).tolist()
+    return time.perf_counter() - started
