@@ -268,8 +268,10 @@ class ModelRunner:
         src = torch.tensor([a for a, _ in moves], dtype=torch.long, device=self.device)
         dst = torch.tensor([b for _, b in moves], dtype=torch.long, device=self.device)
         for cache in self.kv_caches:
-            flat = cache.view(2, -1, *cache.shape[3:])
-            flat[:, dst] = flat[:, src]
+            for t in (cache.data, cache.scale):  # int8 caches move their scales with the values
+                if t is not None:
+                    flat = t.view(2, -1, *t.shape[3:])
+                    flat[:, dst] = flat[:, src]
 
     # ---- KV hand-over (live migration, prefill/decode split) ----
     def read_kv(self, block_ids: list[int], num_tokens: int) -> list[torch.Tensor]:
