@@ -53,7 +53,7 @@ class PerplexityConfig:
 
     def validate(self) -> None:
         from kvflow.config import parse_dtype
-        from kvflow.layers.kv_quant import check_kv_cache_dtype
+        from kvflow.config import check_kv_cache_dtype
         if self.context < 2:
             raise ConfigError(f"context must be >= 2, got {self.context}")
         if not 1 <= self.stride < self.context:

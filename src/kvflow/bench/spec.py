@@ -36,7 +36,6 @@ import logging
 import platform
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import KV_CACHE_DTYPES, check_kv_cache_dtype  # noqa: F401 (re-exported)
+from kvflow.config import check_kv_cache_dtype
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn: larger values would become NaN, so writes clamp
 INT8_MAX = 127.0
