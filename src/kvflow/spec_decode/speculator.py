@@ -224,8 +224,10 @@ def _next_layout(scheduler: Scheduler) -> tuple[list[Request], StepLayout]:
             lay.add_decode(r.num_tokens)
             budget -= 1
     for r in [*scheduler.running, *scheduler.waiting]:
+        if budget <= 0:
+            break
         left = r.num_tokens - r.num_computed_tokens
-        if left <= 1 and r.status.value == "running" or budget <= 0:
+        if left <= 1 and r in decoding:
             continue
         n = min(left, budget)
         lay.add_chunk(n, r.num_computed_tokens + n, 1 if n == left else 0)
