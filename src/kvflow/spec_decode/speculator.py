@@ -153,6 +153,11 @@ class Speculator:
             chosen = {r: d[:counts[decoding.index(r)]] for r, d in zip(ready, drafts)}
             self._proposed = {r.request_id: d for r, d in chosen.items()}
             return self._finish(decoding, chosen)
+        if self.config.auto and not self.config.uses_tree and not any(self._counts(
+                decoding, [chain_values(self.acceptance.chain_rate(r.request_id), min(max_k, n))
+                           for r, n in zip(decoding, limits)], layout, max_k)):
+            # even full-length chains at each request's own rate would not pay: skip proposing
+            return self._finish(decoding, {})
         proposals = self.proposer.propose(decoding, max_k)
         values, ordered = [], []
         for r, prop, n, max_depth in zip(decoding, proposals, limits, depth_limits):
@@ -224,8 +229,10 @@ def _next_layout(scheduler: Scheduler) -> tuple[list[Request], StepLayout]:
             lay.add_decode(r.num_tokens)
             budget -= 1
     for r in [*scheduler.running, *scheduler.waiting]:
+        if budget <= 0:
+            break
         left = r.num_tokens - r.num_computed_tokens
-        if left <= 1 and r.status.value == "running" or budget <= 0:
+        if left <= 1 and r in decoding:
             continue
         n = min(left, budget)
         lay.add_chunk(n, r.num_computed_tokens + n, 1 if n == left else 0)
