@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Goodput sweep: kvflow serve and llama.cpp's llama-server (same GGUF file, same client, same requests).
 # Usage: scripts/bench_serve_sweep.sh [OUT_DIR] [LLAMA_SERVER_BIN]   (build llama-server with
-# ../shared/peers/build_llama_server.sh; without it only kvflow is measured)
+# scripts/build_llama_cpp.sh; without it only kvflow is measured)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_out}; LLAMA=${2:-/tmp/llama.cpp/build/bin/llama-server}

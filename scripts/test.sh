@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install with test extras, then run the whole test suite.
+# Install with test extras, then run the whole test suite (two worker processes, one torch thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --test
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n "${KVFLOW_TEST_WORKERS:-2}" "$@"

@@ -11,6 +11,8 @@ After every test, each LLM built through `make_llm` must be idle with every KV b
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 
 import pytest
@@ -39,14 +41,24 @@ def _shared_weights():
     real_load = llm_engine.load_model
     cache: dict = {}
 
-    def load_once(model, dtype, device, max_positions=None):
-        if model != MODEL:
-            return real_load(model, dtype, device, max_positions=max_positions)
-        key = (model, dtype, str(device))
+    def load_once(model, dtype, device, max_positions=None, **kwargs):
+        if model != MODEL or kwargs.get("load_format", "auto") != "auto":
+            return real_load(model, dtype, device, max_positions=max_positions, **kwargs)
+        key = (model, dtype, str(device), tuple(sorted(kwargs.items())))
         loaded = cache.get(key)
         # A copy loaded for longer contexts serves shorter ones (the engine clamps max_model_len).
         if loaded is None or (max_positions or 0) > loaded.config.max_position_embeddings:
-            loaded = cache[key] = real_load(model, dtype, device, max_positions=max_positions)
+            base = cache.get((model, torch.float32, str(device), ()))
+            if (not kwargs and dtype != torch.float32 and base is not None
+                    and (max_positions or 0) <= base.config.max_position_embeddings):
+                # another float dtype: convert the float32 copy instead of reading the file again
+                net = copy.deepcopy(base.model)
+                for param in net.parameters():  # (weights only, as the loader does: not rotary's tables)
+                    param.data = param.data.to(dtype)
+                loaded = dataclasses.replace(base, model=net)
+            else:
+                loaded = real_load(model, dtype, device, max_positions=max_positions, **kwargs)
+            cache[key] = loaded
         return loaded
 
     mp = pytest.MonkeyPatch()
@@ -68,7 +80,7 @@ def make_llm(_shared_weights):
         opts = {**DEFAULT_OPTIONS, **options}
         key = tuple(sorted(opts.items()))
         if key not in _LLMS:
-            _LLMS[key] = LLM(model=MODEL, dtype="float32", **opts)
+            _LLMS[key] = LLM(model=MODEL, **{"dtype": "float32", **opts})  # float32 unless a test names another
         return _LLMS[key]
 
     yield make
@@ -84,6 +96,16 @@ def llm(make_llm):
 @pytest.fixture(scope="session")
 def tokenizer(make_llm):
     return make_llm().get_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> str:
+    """A 2-layer random-weight Llama folder with the bundled tokenizer: for tests of plumbing
+    (CLI, benches, servers) where the real weights are not the point."""
+    from engine_helpers import save_tiny_model
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_model(path, tokenizer)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

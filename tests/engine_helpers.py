@@ -2,6 +2,7 @@
 transformers reference, the greedy comparison and the "every KV block is free" check."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -177,16 +178,58 @@ def assert_all_blocks_free(llm) -> None:
 
 
 def merge_outputs(outputs) -> dict:
-    """The engine's delta outputs merged per request, as LLM.generate returns them."""
+    """The engine's delta outputs merged per request, as LLM.generate returns them (`add` merges
+    in place, so the first delta of each is copied: the list stays as it was)."""
     merged = {}
     for o in outputs:
         if o.request_id in merged:
             merged[o.request_id].add(o)
         else:
-            merged[o.request_id] = o
+            merged[o.request_id] = copy.deepcopy(o)
     return merged
 
 
 def abort_all(llm) -> None:
     for rid in list(llm.engine.parents):
         llm.engine.abort(rid)
+
+
+def build_model(arch: str, tie: bool, head_dim: int, vocab: int):
+    """A small transformers model (2 layers, hidden 64) with random weights of a large std (0.2),
+    norm weights and biases randomised too, so every loaded tensor matters and argmax margins are
+    clear of float noise."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=tie, initializer_range=0.2,
+                  bos_token_id=1, eos_token_id=EOS_ID, rope_theta=10000.0)
+    if arch == "qwen3":
+        config = transformers.Qwen3Config(head_dim=head_dim, **common)
+        cls = transformers.Qwen3ForCausalLM
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        config = transformers.LlamaConfig(head_dim=head_dim, **common)
+        cls = transformers.LlamaForCausalLM
+    torch.manual_seed(1234)
+    model = cls(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # RMSNorm weights (init 1) and attention biases (init 0)
+                p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.5 * torch.randn_like(p))
+    if tie:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    else:
+        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+def save_tiny_model(path, tokenizer, arch: str = "llama", tie: bool = False, head_dim: int = 16):
+    """A random-weight model folder (config.json, safetensors, the bundled tokenizer): for tests
+    where the real model's weights are not the point."""
+    model = build_model(arch, tie, head_dim, len(tokenizer))
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return model

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kvflow.bench import serve as bench
+from kvflow.entrypoints.args import engine_config
 from test_server import MODEL, ServerProcess
 
 KEY = "bench-key"
@@ -75,7 +76,7 @@ def test_parsers_wire_into_a_cli():
     a = top.parse_args(["serve", "--port", "9", "--api-key", "k", "--max-queue-len", "3", "--max-num-seqs", "4",
                         "--no-enable-prefix-caching", "--kv-cache-memory-gb", "0.5"])
     assert a.func is srv.run_server and a.port == 9 and a.max_queue_len == 3
-    cfg = srv.engine_config_from_args(a)
+    cfg = engine_config(a)
     assert cfg.scheduler.max_num_seqs == 4 and cfg.cache.enable_prefix_caching is False
     assert cfg.cache.kv_cache_memory_gb == 0.5
     b = top.parse_args(["bench", "serve", "--base-url", "http://127.0.0.1:1", "--dataset", "random",

@@ -178,9 +178,9 @@ def test_bench_sharegpt_kvflow(reuse_llm, tmp_path):
 
 
 @needs_model
-def test_bench_hf_backend(tmp_path):
-    res = _bench(tmp_path, "--backend", "hf", "--dataset", "random", "--num-prompts", "2", "--input-len", "8",
-                 "--output-len", "4", "--hf-batch-size", "2")
+def test_bench_hf_backend(tmp_path, tiny_model_dir):
+    res = _bench(tmp_path, "--backend", "hf", "--model", tiny_model_dir, "--dataset", "random", "--num-prompts", "2",
+                 "--input-len", "8", "--output-len", "4", "--hf-batch-size", "2")
     assert res["backend"] == "hf"
     assert res["num_output_tokens"] == 8 and res["num_prompt_tokens"] == 16
     assert res["output_tokens_per_s"] > 0 and res["model_flops_per_s"] > 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import (EOS_ID, PARAGRAPHS, assert_all_blocks_free, greedy_mismatch, hf_greedy_reference,
-                            hf_logprobs)
+from engine_helpers import (PARAGRAPHS, assert_all_blocks_free, greedy_mismatch, hf_greedy_reference,
+                            hf_logprobs, save_tiny_model)
 from kvflow import LLM, SamplingParams
 
 CASES = {
@@ -23,43 +23,12 @@ CASES = {
 }
 
 
-def build_model(arch: str, tie: bool, head_dim: int, vocab: int):
-    import transformers
-
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, tie_word_embeddings=tie, initializer_range=0.2,
-                  bos_token_id=1, eos_token_id=EOS_ID, rope_theta=10000.0)
-    if arch == "qwen3":
-        config = transformers.Qwen3Config(head_dim=head_dim, **common)
-        cls = transformers.Qwen3ForCausalLM
-    elif arch == "qwen2":
-        config = transformers.Qwen2Config(**common)
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        config = transformers.LlamaConfig(head_dim=head_dim, **common)
-        cls = transformers.LlamaForCausalLM
-    torch.manual_seed(1234)
-    model = cls(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:  # RMSNorm weights (init 1) and attention biases (init 0)
-                p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.5 * torch.randn_like(p))
-    if tie:
-        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    else:
-        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-    return model
-
-
 @pytest.fixture(params=list(CASES), scope="module")
 def pair(request, tokenizer, tmp_path_factory):
     """(name, transformers model, kvflow LLM loaded from the saved folder)."""
     arch, tie, head_dim = CASES[request.param]
     path = tmp_path_factory.mktemp(request.param)
-    model = build_model(arch, tie, head_dim, len(tokenizer))
-    model.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
+    model = save_tiny_model(path, tokenizer, arch, tie, head_dim)
     llm = LLM(model=str(path), dtype="float32", max_num_batched_tokens=48, block_size=16,
               kv_cache_memory_gb=0.01)
     cfg = llm.engine.model_config

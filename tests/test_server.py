@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR and os.path.exists(os.path.join(M
 KEY = "test-key-123"
 MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 16
-MAX_QUEUE_LEN = 32  # 16 + 32 sequences: the 32 concurrent requests below hold 48
-ENGINE_OPTIONS = dict(max_model_len=MAX_MODEL_LEN, num_gpu_blocks=256, max_num_seqs=MAX_NUM_SEQS,
+MAX_QUEUE_LEN = 32  # the 32 concurrent requests below hold 48 sequences (n=2 counts twice)
+ENGINE_OPTIONS = dict(dtype="float32", max_model_len=MAX_MODEL_LEN, num_gpu_blocks=256, max_num_seqs=MAX_NUM_SEQS,
                       max_num_batched_tokens=512, block_size=16, enable_prefix_caching=True)
 
 
@@ -253,7 +253,7 @@ def test_health_models_version(server, client):
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].max_model_len == MAX_MODEL_LEN
     assert client.models.retrieve(MODEL).id == MODEL
-    assert httpx.get(server.url + "/version").status_code == 401  # protected like /v1/*
+    assert httpx.get(server.url + "/version").status_code == 401  # protected like /v1/* when a key is set
     assert httpx.get(server.url + "/version", headers=server.headers()).json()["version"]
 
 

@@ -1,21 +1,54 @@
 """Engine configuration. Field names follow vLLM where the concept is the same."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from kvflow.errors import ConfigError
 
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "int8")
+_KV_ALIASES = {"fp8_e4m3": "fp8", "float": "float32", "bf16": "bfloat16"}
+LOAD_FORMATS = ("auto", "dummy")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+DTYPE_CHOICES = ("auto", *_DTYPES)
+# Weight formats kept in memory: int8 (per-output-channel, W8A8 / W8A16 kernels), int4 (group-wise),
+# "auto" = the GGUF file's own type per tensor (Q8_0 -> int8, Q4_x -> int4, float -> none).
+QUANTIZATION_CHOICES = ("none", "int8", "int4", "auto")
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    """A dtype name (or "auto", see resolve_auto_dtype) -> torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return resolve_auto_dtype(device)[0]
     if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def resolve_auto_dtype(device: str = "cpu") -> tuple[torch.dtype, str]:
+    """dtype="auto": bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 / AMX), else
+    float32 (emulated bf16 matmuls are slower than float32 ones). Returns (dtype, why)."""
+    from kvflow.cpu_info import cpu_model_name, native_bf16_flags
+    if str(device).startswith("cuda"):
+        return torch.bfloat16, "CUDA device"
+    flags = native_bf16_flags()
+    if flags:
+        return torch.bfloat16, f"{cpu_model_name()} has {'/'.join(flags)}"
+    return torch.float32, f"{cpu_model_name()} has no native bfloat16"
+
+
+def parse_quantization(quantization: str | None) -> str:
+    """None/"none" -> "none"; otherwise one of QUANTIZATION_CHOICES."""
+    q = "none" if quantization is None else quantization
+    if q not in QUANTIZATION_CHOICES:
+        raise ConfigError(f"quantization must be one of {list(QUANTIZATION_CHOICES)} (or None), got {quantization!r}")
+    return q
 
 
 @dataclass
@@ -47,39 +80,81 @@ class ModelConfig:
         return self.num_layers * (attn + mlp) + h * self.vocab_size
 
 
+def _opt(default, help: str, **meta):
+    """An engine option: its help text (and choices) travel with the field, so the CLI, the
+    server and LLM(**options) all read one definition (see entrypoints/args.py)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class CacheConfig:
-    block_size: int = 16
-    # Memory for the KV pool; num_gpu_blocks overrides it when set (tests use tiny pools).
-    kv_cache_memory_gb: float = 1.0
-    num_blocks: int | None = None
-    enable_prefix_caching: bool = True
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    kv_cache_memory_gb: float = _opt(1.0, "memory for the KV cache, GiB")
+    num_gpu_blocks: int | None = _opt(None, "KV-cache blocks (overrides --kv-cache-memory-gb; tests use tiny pools)",
+                                      type=int)
+    enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of shared prompt prefixes")
+    kv_cache_dtype: str = _opt("auto", "KV cache precision: auto (the compute dtype), float32, bfloat16, fp8 (e4m3), "
+                                       "int8 (per token and head scale)", choices=list(KV_CACHE_DTYPES))
 
 
 @dataclass
 class SchedulerConfig:
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    max_model_len: int = 2048
+    max_num_batched_tokens: int = _opt(512, "token budget of one engine step")
+    max_num_seqs: int = _opt(64, "most sequences in one step")
+    max_model_len: int = _opt(2048, "longest prompt + output in tokens (capped by the model's context)")
 
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2-135m"
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
+    model: str = _opt("smollm2-135m", "bundled model name, .gguf file or Hugging Face folder")
+    dtype: str = _opt("auto", "compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 "
+                              "(avx512_bf16 / AMX), else float32", choices=list(DTYPE_CHOICES))
+    device: str = _opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
+    seed: int = _opt(0, "engine random seed")
+    quantization: str | None = _opt(None, "weights kept quantized in memory: int8 (per channel; W8A8 / W8A16), "
+                                          "int4 (group-wise), auto (the GGUF file's own type), none",
+                                    type=str, choices=list(QUANTIZATION_CHOICES))
+    recalibrate: bool = _opt(False, "time the linear kernels again instead of reading the cached choice")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    speculative_config: object = None  # SpeculativeConfig | dict | JSON string
+    speculative_config: object = _opt(None, 'speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                                            '"num_speculative_tokens": 4}\' (methods ngram, recycle, draft; '
+                                            'K an integer or "auto")', type=str, metavar="JSON")
+    attention_backend: str = _opt("auto", "attention kernels: auto = the C kernels on CPU, Triton on CUDA "
+                                          "(also the environment variable KVFLOW_ATTENTION_BACKEND)",
+                                  choices=list(ATTENTION_BACKENDS))
+    load_format: str = _opt("auto", "dummy: random weights from the model folder's config.json (benchmarks "
+                                    "without weights)", choices=list(LOAD_FORMATS))
+    enforce_eager: bool = _opt(False, "never capture CUDA graphs (they replay decode-only steps on CUDA)")
+
+    @classmethod
+    def from_options(cls, **options) -> EngineConfig:
+        """Build from flat option names (LLM's keywords, the CLI's flags: vLLM's names)."""
+        config = cls()
+        owners = {name: owner for owner in (config, config.cache, config.scheduler)
+                  for name in (f.name for f in fields(owner)) if name not in ("cache", "scheduler")}
+        for name, value in options.items():
+            if name not in owners:
+                raise ConfigError(f"unknown option {name!r}; known options: {', '.join(sorted(owners))}")
+            setattr(owners[name], name, value)
+        return config
 
     def validate(self) -> None:
-        parse_dtype(self.dtype)
+        parse_dtype(self.dtype, self.device)
+        if parse_quantization(self.quantization) != "none" and not str(self.device).startswith("cpu"):
+            raise ConfigError(f"quantization={self.quantization!r} has CPU kernels only; on {self.device} "
+                              f"use quantization='none' (choices {list(QUANTIZATION_CHOICES)})")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                              f"got {self.attention_backend!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         c, s = self.cache, self.scheduler
+        c.kv_cache_dtype = check_kv_cache_dtype(c.kv_cache_dtype)
         if c.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {c.block_size}")
-        if c.num_blocks is not None and c.num_blocks < 2:
-            raise ConfigError(f"num_gpu_blocks must be >= 2, got {c.num_blocks}")
+        if c.num_gpu_blocks is not None and c.num_gpu_blocks < 2:
+            raise ConfigError(f"num_gpu_blocks must be >= 2, got {c.num_gpu_blocks}")
         if c.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be > 0, got {c.kv_cache_memory_gb}")
         if s.max_num_batched_tokens < 1:
@@ -88,3 +163,16 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {s.max_num_seqs}")
         if s.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {s.max_model_len}")
+
+
+def check_kv_cache_dtype(name: str) -> str:
+    """The canonical name, or ConfigError naming the choices (called before any weight loads)."""
+    if not isinstance(name, str) or _KV_ALIASES.get(name, name) not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return _KV_ALIASES.get(name, name)
+
+
+def option_fields() -> list:
+    """Every engine option's dataclass field, in the order the help lists them."""
+    skip = ("cache", "scheduler")
+    return [f for cls in (EngineConfig, CacheConfig, SchedulerConfig) for f in fields(cls) if f.name not in skip]

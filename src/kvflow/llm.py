@@ -2,44 +2,37 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 
 from tqdm import tqdm
 
-from kvflow.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvflow.config import EngineConfig
 from kvflow.engine.llm_engine import LLMEngine
-from kvflow.errors import ConfigError, InvalidRequestError
+from kvflow.errors import InvalidRequestError
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_CACHE_OPTIONS = {"block_size": "block_size", "kv_cache_memory_gb": "kv_cache_memory_gb",
-                  "num_gpu_blocks": "num_blocks", "enable_prefix_caching": "enable_prefix_caching"}
-_SCHEDULER_OPTIONS = {f.name for f in fields(SchedulerConfig)}
-
 
 class LLM:
-    """`LLM(model="smollm2-135m", dtype="float32", device="cpu", max_num_seqs=64, ...)`.
+    """`LLM(model="smollm2-135m", dtype="auto", device="cpu", max_num_seqs=64, ...)`.
 
-    Options follow vLLM's names: block_size, num_gpu_blocks, kv_cache_memory_gb,
-    enable_prefix_caching, max_num_batched_tokens, max_num_seqs, max_model_len, seed,
+    dtype: "auto" (bfloat16 on CUDA and on CPUs with native bf16, else float32), "float32",
+    "bfloat16", "float16". quantization: None | "int8" | "int4" | "auto" (the GGUF file's own
+    type): weights stay quantized in memory. recalibrate: time the linear kernels again instead of
+    using the cached choice (see kvflow.layers.kernel_choice).
+
+    Options follow vLLM's names and are the fields of kvflow.config's EngineConfig, CacheConfig and
+    SchedulerConfig (the same as the command line's flags): block_size, num_gpu_blocks,
+    kv_cache_memory_gb, enable_prefix_caching, max_num_batched_tokens, max_num_seqs, max_model_len,
     speculative_config ({"method": "ngram" | "recycle" | "draft", "num_speculative_tokens": K | "auto", ...}).
     """
 
-    def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "cpu",
                  seed: int = 0, speculative_config: dict | str | None = None, **options):
-        cache, sched = CacheConfig(), SchedulerConfig()
-        for key, value in options.items():
-            if key in _CACHE_OPTIONS:
-                setattr(cache, _CACHE_OPTIONS[key], value)
-            elif key in _SCHEDULER_OPTIONS:
-                setattr(sched, key, value)
-            else:
-                known = sorted([*_CACHE_OPTIONS, *_SCHEDULER_OPTIONS])
-                raise ConfigError(f"unknown option {key!r}; known options: {', '.join(known)}")
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed,
-                                             cache=cache, scheduler=sched, speculative_config=speculative_config))
+        config = EngineConfig.from_options(model=model, dtype=dtype, device=device, seed=seed,
+                                           speculative_config=speculative_config, **options)
+        self.engine = LLMEngine(config)
         self._next_id = 0
 
     def get_tokenizer(self):

@@ -34,10 +34,6 @@ def request_flops(cfg: ModelConfig, prompt_len: int, output_len: int, num_cached
     return 2.0 * body * (fed - cached) + 2.0 * head * output_len + float(attn)
 
 
-def total_flops(cfg: ModelConfig, lengths: list[tuple[int, int]]) -> float:
-    return sum(request_flops(cfg, p, o) for p, o in lengths)
-
-
 def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
                 seconds: float = 2.0) -> float:
     """FLOP/s of y = x @ W^T with x [m, k] and W [n, k] (how nn.Linear runs), repeated for about

@@ -46,7 +46,7 @@ def load_hf_model(model: str, dtype: str, device: str):
     folder, gguf = model_files(model)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype), **kwargs)
+        net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype, device), **kwargs)
     except Exception as e:  # transformers raises many types for unreadable or unsupported files
         raise ModelLoadError(f"transformers cannot load {folder / (gguf or '')}: {e}") from None
     return net.to(device).eval()

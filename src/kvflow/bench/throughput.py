@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from kvflow.bench import datasets
+from kvflow.bench import datasets, memory
 from kvflow.bench.datasets import BenchRequest
 from kvflow.bench.flops import linear_shape, matmul_rate, request_flops
-from kvflow.config import ModelConfig, parse_dtype
+from kvflow.config import ModelConfig, parse_dtype, parse_quantization
+from kvflow.cpu_info import cpu_model_name
 from kvflow.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ class ThroughputConfig:
     backend: str = "kvflow"
     dataset: str = "sharegpt"
     model: str = "smollm2-135m"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
+    quantization: str | None = None  # kvflow backend: int8 | int4 | auto (see LLM)
+    recalibrate: bool = False
     seed: int = 0
     num_prompts: int = 64
     input_len: int = 128  # random dataset
@@ -54,7 +57,8 @@ class ThroughputConfig:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        parse_dtype(self.dtype)
+        parse_dtype(self.dtype, self.device)
+        parse_quantization(self.quantization)
         for name in ("num_prompts", "input_len", "hf_batch_size", "matmul_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -85,20 +89,25 @@ def _measure_matmul(cfg: ThroughputConfig, model_cfg: ModelConfig) -> dict:
     if cfg.matmul_seconds == 0:
         return {}
     m, k, n = linear_shape(model_cfg, cfg.matmul_tokens)
-    rate = matmul_rate(m, k, n, parse_dtype(cfg.dtype), cfg.device, cfg.matmul_seconds)
-    return {"matmul_shape": [m, k, n], "matmul_dtype": cfg.dtype, "matmul_flops_per_s": rate}
+    dtype = parse_dtype(cfg.dtype, cfg.device)
+    rate = matmul_rate(m, k, n, dtype, cfg.device, cfg.matmul_seconds)
+    return {"matmul_shape": [m, k, n], "matmul_dtype": str(dtype).removeprefix("torch."), "matmul_flops_per_s": rate}
 
 
 def make_llm(cfg: ThroughputConfig):
     from kvflow.llm import LLM
-    return LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, **cfg.engine_options)
+    return LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, quantization=cfg.quantization,
+               recalibrate=cfg.recalibrate, **cfg.engine_options)
 
 
 def run_kvflow(cfg: ThroughputConfig) -> tuple[dict, list[BenchRequest]]:
     from kvflow.sampling_params import SamplingParams
 
+    rss_before = memory.current_rss_bytes()
     llm = make_llm(cfg)
     model_cfg = llm.engine.model_config
+    mem = {"rss_before_load_bytes": rss_before, "rss_after_load_bytes": memory.current_rss_bytes(),
+           **memory.engine_memory(llm.engine)}
     requests = make_requests(cfg, llm.get_tokenizer(), model_cfg.vocab_size)
     _check_lengths(requests, llm.engine.config.scheduler.max_model_len, "max_model_len")
     if cfg.warmup:  # one small request outside the timing: first-call allocations and kernel choice
@@ -119,7 +128,7 @@ def run_kvflow(cfg: ThroughputConfig) -> tuple[dict, list[BenchRequest]]:
     output_tokens = [len(o.outputs[0].token_ids) for o in outs]
     cached = [o.num_cached_tokens for o in outs]
     result = {"elapsed_s": elapsed, "output_tokens": output_tokens, "num_cached_tokens": sum(cached),
-              "model_config": model_cfg, **matmul}
+              "model_config": model_cfg, **matmul, **mem, "resolved_dtype": llm.engine.config.dtype}
     result["model_flops"] = sum(request_flops(model_cfg, r.prompt_len, o, c)
                                 for r, o, c in zip(requests, output_tokens, cached))
     if speculator is not None:
@@ -193,6 +202,15 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
         "decode_tokens_per_s": raw.get("decode_tokens_per_s"),
         "speculative_config": _spec_config(cfg) if cfg.backend == "kvflow" else None,
         "spec_decode": raw.get("spec_decode"),
+        "resolved_dtype": raw.get("resolved_dtype", str(parse_dtype(cfg.dtype, cfg.device)).removeprefix("torch.")),
+        "quantization": cfg.quantization if cfg.backend == "kvflow" else None,
+        "peak_rss_bytes": memory.peak_rss_bytes(),
+        "rss_before_load_bytes": raw.get("rss_before_load_bytes"),
+        "rss_after_load_bytes": raw.get("rss_after_load_bytes"),
+        "weights_bytes": raw.get("weights_bytes"),
+        "kv_cache_bytes": raw.get("kv_cache_bytes"),
+        "model_file_bytes": raw.get("model_file_bytes"),
+        "cpu_model": cpu_model_name(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "machine": platform.machine(),
@@ -214,12 +232,20 @@ def _spec_config(cfg: ThroughputConfig) -> dict | None:
 def format_result(res: dict) -> str:
     lines = [
         f"backend {res['backend']}, dataset {res['dataset']}, {res['num_prompts']} requests, "
-        f"model {res['model']} ({res['dtype']}, {res['device']}, {res['torch_threads']} threads)",
+        f"model {res['model']} ({res['resolved_dtype']}"
+        + (f", quantization {res['quantization']}" if res.get("quantization") else "")
+        + f", {res['device']}, {res['torch_threads']} threads, {res['cpu_model']})",
         f"Throughput: {res['requests_per_s']:.2f} requests/s, {res['total_tokens_per_s']:.1f} total tokens/s, "
         f"{res['output_tokens_per_s']:.1f} output tokens/s",
         f"Tokens: {res['num_prompt_tokens']} prompt + {res['num_output_tokens']} output in {res['elapsed_s']:.2f} s"
         + (f" ({res['num_cached_tokens']} prompt tokens from the prefix cache)" if res["num_cached_tokens"] else ""),
     ]
+    mib = 1 << 20
+    memline = f"Memory: peak RSS {res['peak_rss_bytes'] / mib:.0f} MiB"
+    if res.get("weights_bytes") is not None:
+        memline += (f" (before loading {res['rss_before_load_bytes'] / mib:.0f} MiB, after {res['rss_after_load_bytes'] / mib:.0f} MiB; weights {res['weights_bytes'] / mib:.0f} MiB,"
+                    f" KV pool {res['kv_cache_bytes'] / mib:.0f} MiB, model file {res['model_file_bytes'] / mib:.0f} MiB)")
+    lines.append(memline)
     flops = f"Model compute: {res['model_flops_per_s'] / 1e9:.1f} GFLOP/s"
     if res["matmul_flops_per_s"]:
         m, k, n = res["matmul_shape"]

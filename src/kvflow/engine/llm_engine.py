@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import EngineConfig
+from kvflow.config import EngineConfig, resolve_auto_dtype
 from kvflow.core.detokenizer import IncrementalDetokenizer
 from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request, RequestStatus
@@ -33,7 +33,7 @@ class ExportedRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[dict]  # Request.export_state() of each sample
-    kv: list[torch.Tensor | None]  # per sample: the KV of its computed tokens' blocks (ModelRunner.read_kv)
+    kv: list[list[torch.Tensor] | None]  # per sample: the KV of its computed tokens (ModelRunner.read_kv)
     sent: dict  # what the output processor already sent, so the deltas carry on where they stopped
 
 
@@ -42,6 +42,10 @@ class LLMEngine:
         config.validate()
         self.config = config
         torch.manual_seed(config.seed)
+        if config.dtype == "auto":  # resolved once: everything downstream sees the concrete dtype
+            resolved, why = resolve_auto_dtype(config.device)
+            config.dtype = str(resolved).removeprefix("torch.")
+            logger.info("dtype auto -> %s (%s)", config.dtype, why)
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.tokenizer, self.eos_token_ids, self.model_path = (self.runner.tokenizer, self.runner.eos_token_ids,
@@ -188,9 +192,8 @@ class LLMEngine:
             raise InvalidRequestError(f"no unfinished request {request_id!r}")
         states, kv = [], []
         for child in parent.children:
-            computed = self.block_pool.blocks_needed(child.num_computed_tokens)
-            running = child.status == RequestStatus.RUNNING and computed > 0
-            kv.append(self.runner.read_kv(child.block_ids[:computed]) if running else None)
+            running = child.status == RequestStatus.RUNNING and child.num_computed_tokens > 0
+            kv.append(self.runner.read_kv(child.block_ids, child.num_computed_tokens) if running else None)
             states.append(child.export_state())
             if not child.is_finished:
                 self.scheduler.finish(child, "migrated")

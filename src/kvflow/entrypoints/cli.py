@@ -4,6 +4,7 @@
     kvflow chat [options]                    interactive chat, streamed
     kvflow bench throughput [options]        offline throughput, kvflow or transformers
     kvflow bench spec [options]              speculative decoding speed-ups (kvflow.bench.spec)
+    kvflow bench perplexity [options]        perplexity per precision (kvflow.bench.perplexity)
 
 Model and engine options follow vLLM's names (--max-num-seqs, --max-num-batched-tokens,
 --block-size, --num-gpu-blocks, --enable-prefix-caching, --max-model-len ...); options left out keep
@@ -17,6 +18,8 @@ import json
 import logging
 import os
 import sys
+
+from kvflow.entrypoints.args import add_engine_args, engine_options
 
 DEMO_PROMPT = "The three most useful things to know about the solar system are"
 EXIT_USAGE = 2
@@ -34,43 +37,6 @@ class _Fail(Exception):
 
 
 # ---------------- shared options ----------------
-_ENGINE_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
-                   "kv_cache_memory_gb", "enable_prefix_caching", "max_model_len", "speculative_config")
-
-
-def _add_model_args(p: argparse.ArgumentParser, seed_help: str = "engine random seed (default 0)") -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="bundled model name, .gguf file or Hugging Face folder (default smollm2-135m)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default float32)")
-    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    g.add_argument("--seed", type=int, default=0, help=seed_help)
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine (vLLM names; omitted: engine defaults)")
-    g.add_argument("--max-num-seqs", type=int, help="most requests in one step")
-    g.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
-    g.add_argument("--block-size", type=int, help="tokens per KV cache block")
-    g.add_argument("--num-gpu-blocks", type=int, help="KV cache blocks (overrides --kv-cache-memory-gb)")
-    g.add_argument("--kv-cache-memory-gb", type=float, help="memory for the KV cache, GiB")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="reuse KV blocks of shared prompt prefixes")
-    g.add_argument("--max-model-len", type=int, help="longest prompt + output, tokens")
-    g.add_argument("--speculative-config", metavar="JSON",
-                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-                        '(methods ngram, recycle, draft; K an integer or "auto")')
-
-
-def _engine_options(args) -> dict:
-    options = {k: getattr(args, k) for k in _ENGINE_OPTIONS if getattr(args, k, None) is not None}
-    if "speculative_config" in options:  # fail fast, before the model loads
-        from kvflow.spec_decode.config import SpeculativeConfig
-        SpeculativeConfig.parse(options["speculative_config"])
-    return options
-
-
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, with_n: bool = True) -> None:
     g = p.add_argument_group("sampling (SamplingParams; omitted: its defaults)")
     g.add_argument("--temperature", type=float, help="0 is greedy (default 1.0)")
@@ -92,7 +58,10 @@ def _sampling_params(args):
 
 def _make_llm(args):
     from kvflow.llm import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, **_engine_options(args))
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
+    if args.dtype == "auto":  # say what it became, once the model has loaded (an error stays one line)
+        print(f"kvflow: dtype auto -> {llm.engine.config.dtype}", file=sys.stderr)
+    return llm
 
 
 # ---------------- generate ----------------
@@ -250,13 +219,15 @@ def cmd_chat(args) -> int:
 # ---------------- bench ----------------
 def cmd_bench_throughput(args) -> int:
     from kvflow.bench.throughput import ThroughputConfig, format_result, run_throughput, write_json
+    options = engine_options(args)
     cfg = ThroughputConfig(
         backend=args.backend, dataset=args.dataset, model=args.model, dtype=args.dtype, device=args.device,
         seed=args.seed, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
         dataset_path=args.dataset_path, hf_batch_size=args.hf_batch_size, matmul_seconds=args.matmul_seconds,
-        warmup=not args.no_warmup, use_tqdm=not args.disable_tqdm, engine_options=_engine_options(args))
+        warmup=not args.no_warmup, use_tqdm=not args.disable_tqdm, quantization=options.pop("quantization", None),
+        recalibrate=options.pop("recalibrate", False), engine_options=options)
     cfg.validate()
-    res = run_throughput(cfg)
+    res = run_throughput(cfg)  # (its summary names the dtype dtype="auto" became)
     print(format_result(res))
     if args.json:
         write_json(res, args.json)
@@ -274,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Complete each prompt. Prompts come from the arguments, else standard input (one per line); "
         "with neither, a demo prompt."))
     g.add_argument("prompts", nargs="*", metavar="PROMPT")
-    _add_model_args(g)
-    _add_engine_args(g)
+    add_engine_args(g)
     _add_sampling_args(g, max_tokens=128)
     g.add_argument("--json", action="store_true", help="one JSON object per prompt (JSON lines)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
@@ -284,8 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat, streamed", description=(
         "Chat in the terminal: each line is a user message; the reply streams as it is generated. "
         "/reset clears the history, /exit or end of input quits."))
-    _add_model_args(c)
-    _add_engine_args(c)
+    add_engine_args(c)
     _add_sampling_args(c, max_tokens=512, with_n=False)
     c.add_argument("--system", metavar="TEXT", help="system message")
     c.set_defaults(func=cmd_chat)
@@ -293,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "serve", "kvflow.entrypoints.openai.server", "add_cli", "OpenAI-compatible HTTP server")
 
     b = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
-    bsub = b.add_subparsers(dest="bench_command", metavar="{throughput,serve,spec}", required=True)
+    bsub = b.add_subparsers(dest="bench_command", metavar="{throughput,serve,spec,perplexity}", required=True)
     t = bsub.add_parser("throughput", help="offline throughput (vLLM's benchmark_throughput)", description=(
         "Offline throughput: all requests at once, greedy, EOS ignored, each generating exactly its "
         "output length. Prints requests/s, total and output tokens/s, the model FLOP/s achieved "
@@ -312,13 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-warmup", action="store_true", help="skip the small untimed warm-up request")
     t.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     t.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
-    _add_model_args(t, seed_help="dataset sampling and engine seed (default 0)")
-    _add_engine_args(t)
+    add_engine_args(t)
     t.set_defaults(func=cmd_bench_throughput)
     _add_optional(bsub, "serve", "kvflow.bench.serve", "add_bench_serve_parser",
                   "online serving benchmark against an OpenAI-compatible server")
     _add_optional(bsub, "spec", "kvflow.bench.spec", "add_bench_spec_parser",
                   "speculative decoding: decode speed with and without, same run")
+    _add_optional(bsub, "perplexity", "kvflow.bench.perplexity", "add_bench_perplexity_parser",
+                  "perplexity and top-1 agreement with float32 per dtype / KV cache dtype / quantization")
     return parser
 
 

@@ -4,15 +4,26 @@ Each layer writes the step's new keys and values straight into the paged cache t
 `slot_mapping`, then attends over the cache through block tables. The step's requests come in at
 most two groups: decodes (one query token each) and prompt chunks (padded to the longest chunk), so a
 layer makes at most two attention calls whatever the batch size: no loop over requests.
+
+Backends (`attention_backend`, or the environment variable KVFLOW_ATTENTION_BACKEND as vLLM does it):
+"torch" is the SDPA path below; "cpu" adds the C decode kernel where it applies (today's CPU default);
+"triton" runs layers/triton (compiled on a GPU, interpreted on CPU tensors); "auto" picks "cpu" on
+CPU and "triton" on CUDA. The process default is set by `set_attention_backend`; an engine's runner
+may override it per batch through `AttentionMetadata.backend`.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kvflow.layers import cpu_kernels
+from kvflow.config import ATTENTION_BACKENDS
+from kvflow.errors import ConfigError
+from kvflow.layers import cpu_kernels, kv_quant
 
 
 @dataclass
@@ -20,43 +31,115 @@ class AttentionGroup:
     token_index: torch.Tensor  # [B, Q] flat token index of each query (padding repeats a valid one)
     valid: torch.Tensor | None  # [B, Q] bool, None when every query is real (decodes)
     block_tables: torch.Tensor  # [B, max_blocks]
-    mask: torch.Tensor  # [B, 1, Q, L] bool, True where the query may attend the key
+    # [B, 1, Q, L] bool, True where the query may attend the key. Built on first use (once per step,
+    # shared by every layer) from q_positions: the C decode kernel and prefix-free chunks need none.
+    mask: torch.Tensor | None = None
     ctx_lens: torch.Tensor | None = None  # [B] keys per request; set on the decode group, rows [0, B)
+    # Chunk group, varlen layout (the triton backend): request r's queries are flat rows
+    # query_start_loc[r]:query_start_loc[r+1]; it attends its first seq_lens[r] cached positions.
+    query_start_loc: torch.Tensor | None = None  # [B + 1] int
+    seq_lens: torch.Tensor | None = None  # [B] int
+    max_query_len: int = 0
+    # Prompt chunks with no cached prefix (every request starts at position 0): they attend only to
+    # this step's own keys, causally, so the torch path uses its fresh k and v with SDPA's is_causal
+    # and neither gathers the cache nor builds a mask.
+    causal_fresh: bool = False
+    q_positions: torch.Tensor | None = None  # [B, Q] position of each query (for the mask)
+    block_size: int = 0
+
+    def attn_mask(self) -> torch.Tensor:
+        if self.mask is None:
+            num_keys = self.block_tables.shape[1] * self.block_size
+            keys = torch.arange(num_keys, device=self.q_positions.device)
+            self.mask = (keys[None, None, :] <= self.q_positions[:, :, None])[:, None]  # causal; hides padding keys
+        return self.mask
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     groups: list[AttentionGroup]
+    backend: str | None = None  # None: the process default (set_attention_backend)
+
+
+def check_backend(name: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
+    return name
+
+
+_default_backend = os.environ.get("KVFLOW_ATTENTION_BACKEND", "auto")
+
+
+def set_attention_backend(name: str) -> None:
+    """The process-wide default backend (an engine's own choice, in AttentionMetadata.backend, wins)."""
+    global _default_backend
+    _default_backend = check_backend(name)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """The concrete backend for tensors on `device`. An engine's "auto" (or None) defers to the process
+    default (KVFLOW_ATTENTION_BACKEND / set_attention_backend), whose "auto" picks by device."""
+    name = check_backend(_default_backend if name in (None, "auto") else name)
+    if name != "auto":
+        return name
+    if device.type == "cuda" and _has_triton():
+        return "triton"
+    return "cpu" if device.type == "cpu" else "torch"
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hk, D]
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D], in the KV cache dtype
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, Hk] float32, int8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    backend = resolve_backend(meta.backend, q.device)
+    if backend == "triton":
+        from kvflow.layers.triton.attention import triton_paged_attention  # imports triton on first use
+        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    kv_quant.write(k_cache, k_scale, meta.slot_mapping, k)
+    kv_quant.write(v_cache, v_scale, meta.slot_mapping, v)
+    gqa = num_kv_heads != q.shape[1]
     out = torch.empty_like(q)
     for g in meta.groups:
-        if g.ctx_lens is not None and cpu_kernels.can_run_decode(q, k_cache):
+        if g.ctx_lens is not None and backend == "cpu" and cpu_kernels.can_run_decode(q, k_cache):
             n = g.ctx_lens.shape[0]  # the decode group is the batch's first n tokens
-            out[:n] = cpu_kernels.paged_decode(q[:n], k_cache, v_cache, g.block_tables, g.ctx_lens, scale)
+            out[:n] = cpu_kernels.paged_decode(q[:n], k_cache, v_cache, g.block_tables, g.ctx_lens, scale,
+                                               k_scale, v_scale)
             continue
         B = g.block_tables.shape[0]
         qg = q[g.token_index].transpose(1, 2)  # [B, Hq, Q, D]
-        kg = k_cache[g.block_tables].view(B, -1, num_kv_heads, head_dim).transpose(1, 2)
-        vg = v_cache[g.block_tables].view(B, -1, num_kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
-                                           enable_gqa=num_kv_heads != q.shape[1])
+        if g.causal_fresh:  # right padding only follows the real queries: is_causal stays exact for them
+            kg, vg = k[g.token_index].transpose(1, 2), v[g.token_index].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:  # dequantize only the blocks this group gathers
+            kg = _gather(k_cache, k_scale, g.block_tables, q.dtype).view(B, -1, num_kv_heads, head_dim).transpose(1, 2)
+            vg = _gather(v_cache, v_scale, g.block_tables, q.dtype).view(B, -1, num_kv_heads, head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.attn_mask(), scale=scale, enable_gqa=gqa)
         o = o.transpose(1, 2)  # [B, Q, Hq, D]
         if g.valid is None:
             out[g.token_index.view(-1)] = o.reshape(-1, *q.shape[1:])
         else:
             out[g.token_index[g.valid]] = o[g.valid]
     return out
+
+
+def _gather(cache: torch.Tensor, cache_scale: torch.Tensor | None, tables: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The blocks of `tables` [B, nb] -> [B, nb, block_size, H, D] in the compute dtype."""
+    blocks = cache[tables]
+    if blocks.dtype == dtype:
+        return blocks
+    return kv_quant.dequantize(blocks, None if cache_scale is None else cache_scale[tables], dtype)

@@ -20,6 +20,10 @@ GEMV_MAX_ROWS = 8  # csrc/gemv.c's MAX_M
 _lib: ctypes.CDLL | None = None
 _tried = False
 _LIMITS = (0, 0, 0)
+# Query and cache dtypes the decode kernel reads (csrc/paged_decode.c: paged_decode_<q>_<cache>).
+_DECODE_Q = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_FUSED = {torch.float32: "f32", torch.bfloat16: "bf16"}  # csrc/fused_ops.c
+_DECODE_CACHE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8", torch.int8: "i8"}
 
 
 def _build() -> ctypes.CDLL | None:
@@ -41,10 +45,19 @@ def _build() -> ctypes.CDLL | None:
             return None
         os.replace(tmp, target)
     lib = ctypes.CDLL(str(target))
-    args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float]
-    for fn in (lib.paged_decode_f32, lib.paged_decode_bf16):
-        fn.argtypes, fn.restype = args, None
+    args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_void_p] * 2
+    for qt in _DECODE_Q.values():
+        for ct in _DECODE_CACHE.values():
+            fn = getattr(lib, f"paged_decode_{qt}_{ct}")
+            fn.argtypes, fn.restype = args, None
     lib.gemv_f32.argtypes, lib.gemv_f32.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3, None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for t in _FUSED.values():  # csrc/fused_ops.c
+        getattr(lib, f"add_rmsnorm_{t}").argtypes = [p, p, p, p, i, i, ctypes.c_float]
+        getattr(lib, f"silu_mul_{t}").argtypes = [p, p, i, i]
+        getattr(lib, f"rotary_{t}").argtypes = [p, i, i, i, i, p, p]
+        for name in ("add_rmsnorm", "silu_mul", "rotary"):
+            getattr(lib, f"{name}_{t}").restype = None
     return lib
 
 
@@ -66,23 +79,30 @@ def kernels() -> ctypes.CDLL | None:
 
 def can_run_decode(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """q: [B, Hq, D]; k_cache: [num_blocks, block_size, Hk, D]."""
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or kernels() is None:
+    if (q.device.type != "cpu" or q.dtype not in _DECODE_Q or k_cache.dtype not in _DECODE_CACHE
+            or kernels() is None):
         return False
     max_g, max_d, max_bs = _LIMITS
     return q.shape[1] // k_cache.shape[2] <= max_g and q.shape[2] <= max_d and k_cache.shape[1] <= max_bs
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one query token per request over its first ctx_lens[b] cached positions."""
+                 ctx_lens: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query token per request over its first ctx_lens[b] cached positions.
+    The caches are read in their stored dtype (k_scale / v_scale [num_blocks, block_size, Hk]
+    float32 for int8), never copied."""
     q, block_tables, ctx_lens = q.contiguous(), block_tables.contiguous(), ctx_lens.contiguous()
     assert block_tables.dtype == ctx_lens.dtype == torch.int64
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert (k_scale is None) == (k_cache.dtype != torch.int8) and (v_scale is None) == (k_scale is None)
     out = torch.empty_like(q)
     B, Hq, D = q.shape
     _, BS, Hk, _ = k_cache.shape
-    fn = _lib.paged_decode_f32 if q.dtype == torch.float32 else _lib.paged_decode_bf16
+    fn = getattr(_lib, f"paged_decode_{_DECODE_Q[q.dtype]}_{_DECODE_CACHE[k_cache.dtype]}")
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
-       out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale)
+       out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale,
+       None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr())
     return out
 
 
@@ -98,3 +118,39 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     _lib.gemv_f32(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
                   y.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
     return y
+
+
+# ---------------- fused non-matmul ops (csrc/fused_ops.c) ----------------
+def can_run_fused(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _FUSED and kernels() is not None
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x + residual) * weight; `residual` (contiguous) becomes x + residual in place."""
+    x = x.contiguous()
+    assert residual is None or (residual.is_contiguous() and residual.dtype == x.dtype)
+    T, H = x.numel() // x.shape[-1], x.shape[-1]
+    out = torch.empty_like(x)
+    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    getattr(_lib, f"add_rmsnorm_{_FUSED[x.dtype]}")(
+        x.data_ptr(), None if residual is None else residual.data_ptr(), w.contiguous().data_ptr(), out.data_ptr(),
+        T, H, eps)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows [gate | up] of the fused gate_up projection: [T, 2I] -> [T, I]."""
+    gate_up = gate_up.contiguous()
+    T, I2 = gate_up.shape
+    out = torch.empty(T, I2 // 2, dtype=gate_up.dtype)
+    getattr(_lib, f"silu_mul_{_FUSED[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(), T, I2 // 2)
+    return out
+
+
+def rotary_(rows: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate, in place, the first num_heads heads of each row of rows [T, stride] (contiguous);
+    cos / sin: float32 [T, head_dim]."""
+    assert rows.is_contiguous() and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous()
+    T, stride = rows.shape
+    getattr(_lib, f"rotary_{_FUSED[rows.dtype]}")(rows.data_ptr(), T, stride, num_heads, head_dim,
+                                                  cos.data_ptr(), sin.data_ptr())

@@ -3,10 +3,12 @@ linear rope scaling, and GGUF's per-frequency factors."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from kvflow.errors import ModelLoadError
+from kvflow.layers import cpu_kernels, op_select
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -44,9 +46,48 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Looked up once per step and shared by every layer: [T, 1, D] each."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> "RotaryTables":
+        """Looked up once per step and shared by every layer."""
+        cos32, sin32 = self.cos[positions], self.sin[positions]
+        return RotaryTables(cos32.unsqueeze(1).to(dtype), sin32.unsqueeze(1).to(dtype), cos32, sin32)
+
+
+@dataclass
+class RotaryTables:
+    """One step's rotary tables: [T, 1, D] in the compute dtype (torch path) and float32 [T, D]
+    (the C kernel, which rounds once at the end). Unpacks as (cos, sin) like the tuple it replaces."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos32: torch.Tensor
+    sin32: torch.Tensor
+
+    def __iter__(self):
+        return iter((self.cos, self.sin))
+
+
+def rotate_heads(rows: torch.Tensor, num_heads: int, head_dim: int, tables: RotaryTables) -> torch.Tensor:
+    """Rotary embedding of the first num_heads heads of each row of rows [T, stride] (the q and k
+    parts of a fused qkv matmul output) -> [T, num_heads, head_dim]. The C kernel rotates them in
+    place and returns a view; the torch path returns a new tensor. Chosen by measurement."""
+    T = rows.shape[0]
+    if _use_kernel(rows, num_heads, head_dim, tables):
+        cpu_kernels.rotary_(rows, num_heads, head_dim, tables.cos32, tables.sin32)
+        return rows[:, :num_heads * head_dim].view(T, num_heads, head_dim)
+    return apply_rotary(rows[:, :num_heads * head_dim].view(T, num_heads, head_dim), tables.cos, tables.sin)
+
+
+def _use_kernel(rows: torch.Tensor, num_heads: int, head_dim: int, tables: RotaryTables) -> bool:
+    if not (cpu_kernels.can_run_fused(rows) and rows.is_contiguous() and rows.dim() == 2):
+        return False
+    key = ("rotary", rows.dtype, num_heads, head_dim, op_select.rows_class(rows.shape[0]))
+
+    def candidates():
+        scratch = rows.detach().clone()
+        view = scratch[:, :num_heads * head_dim].view(-1, num_heads, head_dim)
+        return {"c": lambda: cpu_kernels.rotary_(scratch, num_heads, head_dim, tables.cos32, tables.sin32),
+                "torch": lambda: apply_rotary(view, tables.cos, tables.sin)}
+
+    return op_select.choose(key, candidates) == "c"
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -45,20 +45,22 @@ def sample(logits: torch.Tensor, requests: list[SamplingRow]) -> SamplerOutput:
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     logits = _apply_penalties_and_bias(logits, requests)
     params = [r.params for r in requests]
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     chosen = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        rows = (~greedy).nonzero().flatten()
-        chosen[rows] = _random_sample(logits[rows], [requests[i] for i in rows.tolist()])
-    token_ids = chosen.tolist()
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]  # decided on the host: no device sync
+    if random_rows:
+        rows = torch.tensor(random_rows, device=logits.device)
+        chosen[rows] = _random_sample(logits[rows], [requests[i] for i in random_rows])
     chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+    # One copy back to the host for the whole batch: ids and their logprobs side by side (float64
+    # holds any vocabulary id exactly).
+    token_ids, logprobs = torch.stack([chosen.double(), chosen_lp.double()]).cpu().tolist()
     n_top = max((p.logprobs or 0) for p in params)
     top_ids = top_lp = ranks = None
     if any(p.logprobs is not None for p in params):
         ranks = ((raw_logprobs > chosen_lp[:, None]).sum(dim=-1) + 1).tolist()
         if n_top > 0:
             top_lp, top_ids = raw_logprobs.topk(n_top, dim=-1)
-    return SamplerOutput(token_ids, chosen_lp.tolist(), top_ids, top_lp, ranks)
+    return SamplerOutput([int(t) for t in token_ids], logprobs, top_ids, top_lp, ranks)
 
 
 def _apply_penalties_and_bias(logits: torch.Tensor, requests: list[SamplingRow]) -> torch.Tensor:

@@ -7,18 +7,15 @@ The forward pass runs over a flat batch of tokens from many requests.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvflow.config import ModelConfig
+from kvflow.layers.activation import silu_and_mul
 from kvflow.layers.attention import AttentionMetadata, paged_attention
 from kvflow.layers.linear import Linear
 from kvflow.layers.norm import RMSNorm
-from kvflow.layers.rotary import RotaryEmbedding, apply_rotary
-
-
-def _weight(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+from kvflow.layers.quantized_linear import QuantizedTensor, cat_rows, install_quantized
+from kvflow.layers.rotary import RotaryEmbedding, apply_rotary, rotate_heads
 
 
 class Attention(nn.Module):
@@ -39,13 +36,15 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
         cos, sin = cos_sin
         if self.q_norm is None:  # rotate q and k in one pass: they sit side by side in qkv
-            qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(T, -1, self.head_dim), cos, sin)
+            qk = rotate_heads(qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos_sin)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         else:
             q = self.q_norm(qkv[:, :self.q_size].view(T, self.num_heads, self.head_dim))
             k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        scales = getattr(kv_cache, "scale", None)  # int8 caches: per (token, head) scales
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                            *((None, None) if scales is None else (scales[0], scales[1])))
         return self.o_proj(o.reshape(T, self.q_size))
 
 
@@ -57,8 +56,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -69,9 +67,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos_sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos_sin, kv_cache, meta):
+        """The residual stream is carried beside the layer output (as vLLM does) so that each add
+        fuses into the norm after it: returns (mlp output, residual), and the caller's next norm adds
+        them. residual None: x is the embedding, the first layer's residual."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos_sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -92,9 +99,32 @@ class LlamaForCausalLM(nn.Module):
         (layer_skip self-speculation drafts with the first layers and the same norm and head)."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers[:num_layers], kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos_sin, kv_cache, meta)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
+
+    def warm_up_op_choices(self, max_rows: int) -> None:
+        """Make the measured C-vs-torch choices of the fused ops (layers/op_select.py) for every
+        row class up to max_rows now, at start-up, rather than inside the first request of each size."""
+        layer, cfg = self.layers[0], self.config
+        dtype = self.norm.weight.dtype  # the compute dtype (embeddings may be stored quantized)
+        if self.norm.weight.device.type != "cpu":
+            return
+        attn = layer.self_attn
+        rows = 1
+        while True:
+            x = torch.randn(rows, cfg.hidden_size).to(dtype)
+            layer.input_layernorm(x)
+            layer.input_layernorm(x, x.clone())
+            silu_and_mul(torch.randn(rows, 2 * cfg.intermediate_size).to(dtype))
+            if attn.q_norm is None:
+                qkv = torch.randn(rows, attn.q_size + 2 * attn.kv_size).to(dtype)
+                rotate_heads(qkv, attn.num_heads + attn.num_kv_heads, attn.head_dim,
+                             self.rotary.cos_sin(torch.zeros(rows, dtype=torch.long), dtype))
+            if rows >= max_rows:
+                break
+            rows *= 2
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -109,11 +139,14 @@ class LlamaForCausalLM(nn.Module):
             for kind in ("weight", "bias"):
                 parts = [state.pop(f"{p}self_attn.{n}_proj.{kind}", None) for n in "qkv"]
                 if parts[0] is not None:
-                    state[f"{p}self_attn.qkv_proj.{kind}"] = torch.cat(parts, dim=0)
-            state[f"{p}mlp.gate_up_proj.weight"] = torch.cat(
-                [state.pop(f"{p}mlp.gate_proj.weight"), state.pop(f"{p}mlp.up_proj.weight")], dim=0)
+                    state[f"{p}self_attn.qkv_proj.{kind}"] = cat_rows(parts)
+            state[f"{p}mlp.gate_up_proj.weight"] = cat_rows(
+                [state.pop(f"{p}mlp.gate_proj.weight"), state.pop(f"{p}mlp.up_proj.weight")])
         state = {k: v for k, v in state.items() if "rotary_emb" not in k}
+        quantized = {k: state.pop(k) for k in list(state) if isinstance(state[k], QuantizedTensor)}
         missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not m.startswith("rotary.")]
+        missing = [m for m in missing if not m.startswith("rotary.") and m not in quantized]
+        if quantized:
+            install_quantized(self, quantized, self.norm.weight.dtype)
         if missing or unexpected:
             raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

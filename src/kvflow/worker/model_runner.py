@@ -14,13 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import EngineConfig, ModelConfig, parse_dtype
+from kvflow.config import EngineConfig, ModelConfig, parse_dtype, parse_quantization
 from kvflow.core.request import Request
 from kvflow.core.scheduler import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
-from kvflow.layers.attention import AttentionGroup, AttentionMetadata
+from kvflow.errors import ConfigError
+from kvflow.layers import kernel_choice, kv_quant
+from kvflow.layers.attention import AttentionGroup, AttentionMetadata, resolve_backend
+from kvflow.layers.kv_quant import LayerKVCache
 from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
 from kvflow.model.loader import load_model
 from kvflow.outputs import Logprob, TokenLogprob
+from kvflow.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -60,34 +64,55 @@ def build_batch(items: list[tuple[list[int], int, list[int]]], block_size: int, 
         decode.ctx_lens = ctx_lens[:num_single].to(device)
         groups.append(decode)
     if num_single < num_reqs:
-        m_lens, m_first = lens_t[num_single:], first_token[num_single:]
-        offs = torch.arange(int(m_lens.max()))[None, :]
-        valid = offs < m_lens[:, None]
-        index = torch.where(valid, m_first[:, None] + offs, m_first[:, None])  # pad with the chunk's first token
-        ctx = int(ctx_lens[num_single:].max())
-        groups.append(_group(index, valid, tables[num_single:, :(ctx + bs - 1) // bs], positions[index], bs, device))
+        # Chunks that start at position 0 (no cached prefix) attend causally over their own keys;
+        # the others (later chunks, prefix-cache hits, speculative tokens) read the cache with a mask.
+        # When the fresh ones come first (the runner orders them so) each group's chunks stay back
+        # to back in the flat batch, as the triton chunk kernel needs; otherwise one group holds all.
+        multi = torch.arange(num_single, num_reqs)
+        fresh = starts_t[num_single:] == 0
+        split = bool(fresh.any()) and not bool(fresh.all()) and bool((fresh[:-1] >= fresh[1:]).all())
+        for rows, is_fresh in ([(multi[fresh], True), (multi[~fresh], False)] if split
+                               else [(multi, bool(fresh.all()))]):
+            groups.append(_chunk_group(rows, lens_t, first_token, ctx_lens, tables, positions, bs, device, is_fresh))
     all_ids = [t for ids, _, _ in items for t in ids]
     return Batch(torch.tensor(all_ids, dtype=torch.long, device=device), positions.to(device),
                  AttentionMetadata(slot_mapping.to(device), groups), first_token + lens_t - 1)
 
 
+def _chunk_group(rows, lens_t, first_token, ctx_lens, tables, positions, bs: int, device,
+                 causal_fresh: bool) -> AttentionGroup:
+    """Multi-token items `rows`, padded to the longest (padding repeats the chunk's first token)."""
+    m_lens, m_first = lens_t[rows], first_token[rows]
+    offs = torch.arange(int(m_lens.max()))[None, :]
+    valid = offs < m_lens[:, None]
+    index = torch.where(valid, m_first[:, None] + offs, m_first[:, None])
+    ctx = int(ctx_lens[rows].max())
+    group = _group(index, valid, tables[rows, :(ctx + bs - 1) // bs], positions[index], bs, device)
+    group.causal_fresh = causal_fresh
+    # varlen layout (the triton backend): the rows' chunks back to back in the flat batch
+    group.query_start_loc = torch.cat([m_first, m_first[-1:] + m_lens[-1:]]).to(device)
+    group.seq_lens, group.max_query_len = ctx_lens[rows].to(device), int(m_lens.max())
+    return group
+
+
 def _group(index, valid, tables, q_positions, block_size: int, device) -> AttentionGroup:
-    num_keys = tables.shape[1] * block_size
-    mask = torch.arange(num_keys)[None, None, :] <= q_positions[:, :, None]  # causal; also hides padding keys
+    """The mask is built on the device when first needed (attn_mask): an 8k-token chunk's is 64 MB."""
     return AttentionGroup(index.to(device), None if valid is None else valid.to(device), tables.to(device),
-                          mask[:, None].to(device))
+                          q_positions=q_positions.to(device), block_size=block_size)
 
 
 def allocate_kv_caches(model_cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device) -> list[torch.Tensor]:
-    """One [2 (k, v), num_blocks, block_size, kv_heads, head_dim] tensor per layer."""
-    shape = (2, num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_cfg.num_layers)]
+                       device: torch.device) -> list[LayerKVCache]:
+    """One LayerKVCache per layer: [2 (k, v), num_blocks, block_size, kv_heads, head_dim] values in
+    `dtype` (the KV cache's storage dtype), plus per (token, head) scales when that dtype is int8."""
+    return [LayerKVCache.allocate(num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim, dtype, device)
+            for _ in range(model_cfg.num_layers)]
 
 
 def bytes_per_block(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elem
+    """dtype: the KV cache's storage dtype (int8 adds a float32 scale per token and head)."""
+    per = kv_quant.bytes_per_token_head(model_cfg.head_dim, dtype)
+    return 2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * per
 
 
 class ModelRunner:
@@ -98,29 +123,47 @@ class ModelRunner:
         self.dtype = parse_dtype(config.dtype)
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
+        quant = parse_quantization(config.quantization)
+        extra = {"quantization": quant} if quant != "none" else {}
         loaded = load_model(model or config.model, self.dtype, config.device,
-                            max_positions=config.scheduler.max_model_len)
+                            max_positions=config.scheduler.max_model_len, load_format=config.load_format, **extra)
+        kernel_choice.calibrate(loaded.model, recalibrate=config.recalibrate)
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer, self.eos_token_ids, self.model_path = loaded.tokenizer, loaded.eos_token_ids, loaded.path
+        self.attention_backend = config.attention_backend
+        self.kv_cache_dtype = kv_quant.storage_dtype(config.cache.kv_cache_dtype, self.dtype)
+        triton = resolve_backend(config.attention_backend, self.device) == "triton"
+        if triton and self.kv_cache_dtype != self.dtype:
+            raise ConfigError(f"the triton attention backend reads a KV cache in the compute dtype ({config.dtype}); "
+                              f"kv_cache_dtype {config.cache.kv_cache_dtype!r} needs attention_backend 'cpu' or 'torch'")
         self.num_blocks = num_blocks or self._num_blocks(config)
-        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
+        use_graphs = model is None and self.device.type == "cuda" and not config.enforce_eager and triton
+        # With CUDA graphs, one block past the pool's takes the padding rows' keys and values.
+        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks + use_graphs, self.block_size,
+                                            self.kv_cache_dtype, self.device)
+        self.model.warm_up_op_choices(max_rows=512)
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, config.scheduler.max_num_seqs,
+                                       self.model_config.max_position_embeddings, self.num_blocks, self.device)
+            self.graphs.capture()
 
     def _num_blocks(self, config: EngineConfig) -> int:
-        if config.cache.num_blocks is not None:
-            return config.cache.num_blocks
-        per_block = bytes_per_block(self.model_config, self.block_size, self.dtype)
+        if config.cache.num_gpu_blocks is not None:
+            return config.cache.num_gpu_blocks
+        per_block = bytes_per_block(self.model_config, self.block_size, self.kv_cache_dtype)
         return max(2, int(config.cache.kv_cache_memory_gb * (1 << 30)) // per_block)
 
     # ---- one step ----
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens > 1)  # single tokens first (stable)
-        batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        # single tokens first, then prompt chunks with no cached prefix, then the rest (stable)
+        items = sorted(sched.scheduled, key=lambda s: (s.num_new_tokens > 1, s.start > 0))
+        hidden, last_token = self._forward(items)
         sampled = [(i, s) for i, s in enumerate(items) if s.samples]
-        rows, sampling_rows = self.prepare_sample(sampled, batch)
-        prompt_rows = self._prompt_logprob_rows(items, batch, rows)
+        rows, sampling_rows = self.prepare_sample(sampled, last_token)
+        prompt_rows = self._prompt_logprob_rows(items, last_token, rows)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
         n = len(sampling_rows)
         out = ModelRunnerOutput(sample_logits=logits[:n] if n else None)
@@ -132,15 +175,25 @@ class ModelRunner:
             offset += count
         return out
 
+    def _forward(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states of the step's tokens, and the flat index of each item's last token."""
+        if self.graphs is not None and self.graphs.can_run(len(items)) and all(s.num_new_tokens == 1 for s in items):
+            hidden = self.graphs.run([s.token_ids[0] for s in items], [s.start for s in items],
+                                     [s.request.block_ids for s in items])
+            return hidden, list(range(len(items)))
+        batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device)
+        batch.meta.backend = self.attention_backend
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta), batch.last_token.tolist()
+
     @staticmethod
-    def prepare_sample(sampled: list[tuple[int, ScheduledRequest]], batch: Batch) -> tuple[list[int], list[SamplingRow]]:
+    def prepare_sample(sampled: list[tuple[int, ScheduledRequest]], last_token: list[int]) -> tuple[list[int], list[SamplingRow]]:
         """The hidden-state rows to sample and what the sampler needs to know about each: a
         request verifying K drafts owns K + 1 rows, row j seeing the history plus the first j drafts."""
         rows: list[int] = []
         sampling_rows: list[SamplingRow] = []
         for i, s in sampled:
             k = len(s.spec_token_ids)
-            last = int(batch.last_token[i])
+            last = last_token[i]
             rows.extend(range(last - k, last + 1))
             sampling_rows.extend(_sampling_row(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
         return rows, sampling_rows
@@ -157,14 +210,14 @@ class ModelRunner:
             row += n_rows
 
     @staticmethod
-    def _prompt_logprob_rows(items: list[ScheduledRequest], batch: Batch, rows: list[int]) -> list[tuple[Request, int]]:
+    def _prompt_logprob_rows(items: list[ScheduledRequest], last_token: list[int], rows: list[int]) -> list[tuple[Request, int]]:
         """Append the rows whose logits score prompt tokens (position p scores token p + 1)."""
         out = []
         for i, s in enumerate(items):
             req = s.request
             if req.prompt_logprobs is None:
                 continue
-            first = int(batch.last_token[i]) - (s.num_new_tokens - 1)
+            first = last_token[i] - (s.num_new_tokens - 1)
             lo = max(s.start, len(req.prompt_logprobs) - 1)  # skip tokens already scored (recompute)
             hi = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
             if hi > lo:
@@ -173,15 +226,26 @@ class ModelRunner:
         return out
 
     # ---- KV hand-over (live migration, prefill/decode split) ----
-    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """The KV contents of these blocks, [layers, 2, len(block_ids), block_size, kv_heads, head_dim], on CPU."""
+    def read_kv(self, block_ids: list[int], num_tokens: int) -> list[torch.Tensor]:
+        """The KV of a request's first `num_tokens` positions, on CPU and per token (so the receiving
+        instance may use another block size): [layers, 2, num_tokens, kv_heads, head_dim] in the
+        cache's storage dtype, then, for int8 caches, the scales [layers, 2, num_tokens, kv_heads]."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return torch.stack([cache[:, index] for cache in self.kv_caches]).cpu()
+        parts = [[c.data for c in self.kv_caches]]
+        if self.kv_caches[0].scale is not None:
+            parts.append([c.scale for c in self.kv_caches])
+        return [torch.stack([t[:, index].flatten(1, 2)[:, :num_tokens] for t in tensors]).cpu() for tensors in parts]
 
-    def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
+    def write_kv(self, block_ids: list[int], kv: list[torch.Tensor]) -> None:
+        """Write read_kv's output into these blocks (enough of them for its tokens)."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        for cache, layer in zip(self.kv_caches, data):
-            cache[:, index] = layer.to(device=self.device, dtype=cache.dtype)
+        targets = [[c.data for c in self.kv_caches]] + ([[c.scale for c in self.kv_caches]] if len(kv) > 1 else [])
+        for tensors, data in zip(targets, kv):
+            num_tokens = data.shape[2]
+            for cache, layer in zip(tensors, data):
+                flat = cache[:, index].flatten(1, 2)
+                flat[:, :num_tokens] = layer.to(device=self.device, dtype=cache.dtype)
+                cache[:, index] = flat.view(2, len(block_ids), self.block_size, *flat.shape[2:])
 
 
 def _sampling_row(req: Request, drafts: list[int]) -> SamplingRow:

@@ -21,35 +21,16 @@ import time
 
 import uvicorn
 
-from kvflow.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvflow.entrypoints.args import add_engine_args, engine_config
 from kvflow.engine.async_engine import AsyncEngine
 from kvflow.entrypoints.openai.api_server import Limits, build_app  # noqa: F401 - build_app: the app's old home
 from kvflow.entrypoints.openai.http_protocol import protocol_with_header_timeout
-from kvflow.errors import ConfigError, KvflowError
+from kvflow.errors import KvflowError
 
 logger = logging.getLogger("kvflow.server")
 
 
 # ---------------- command line ----------------
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """The engine options, named as in vLLM. Unset ones keep EngineConfig's defaults."""
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2-135m", help="bundled model name, .gguf file or Hugging Face folder")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per batch (default 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step (default 512)")
-    g.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block (default 16)")
-    g.add_argument("--num-gpu-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-gb)")
-    g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="memory for the KV cache (default 1.0)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default 2048, capped by the model)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="reuse the KV cache of shared prompt prefixes (default on)")
-    g.add_argument("--speculative-config", metavar="JSON", default=None,
-                   help="speculative decoding, as JSON (see `kvflow generate --help`); default off")
-
-
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
@@ -79,27 +60,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="threads that tokenize large prompts off the event loop (default 2)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    cache, sched = CacheConfig(), SchedulerConfig()
-    for name, target, attr in [("block_size", cache, "block_size"), ("num_gpu_blocks", cache, "num_blocks"),
-                               ("kv_cache_memory_gb", cache, "kv_cache_memory_gb"),
-                               ("enable_prefix_caching", cache, "enable_prefix_caching"),
-                               ("max_num_seqs", sched, "max_num_seqs"),
-                               ("max_num_batched_tokens", sched, "max_num_batched_tokens"),
-                               ("max_model_len", sched, "max_model_len")]:
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(target, attr, value)
-    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, cache=cache,
-                          scheduler=sched)
-    spec = getattr(args, "speculative_config", None)
-    if spec is not None:
-        if not hasattr(config, "speculative_config"):
-            raise ConfigError("this build of kvflow has no speculative decoding (--speculative-config)")
-        config.speculative_config = spec
-    return config
 
 
 class _Server(uvicorn.Server):
@@ -165,7 +125,7 @@ def run_server(args: argparse.Namespace) -> int:
         return 2
     t0 = time.time()
     try:
-        engine = LLMEngine(engine_config_from_args(args))
+        engine = LLMEngine(engine_config(args))
     except KvflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
