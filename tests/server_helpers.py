@@ -97,6 +97,22 @@ class ServerProcess:
         os.unlink(self.log_file.name)
 
 
+def post(server: ServerProcess, path: str, body, headers: dict, **kw) -> httpx.Response:
+    """POST a JSON value, or raw bytes sent as JSON (for bodies json= cannot produce)."""
+    if isinstance(body, (bytes, str)):
+        return httpx.post(server.url + path, content=body, headers={**headers, "Content-Type": "application/json"},
+                          timeout=60, **kw)
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
+
+
+def openai_error(resp: httpx.Response, status: int) -> dict:
+    """The response's error object, after checking the status and OpenAI's error shape."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
+    return err
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 _CORPUS = ["The quick brown fox jumps over the lazy dog.", "Paged attention splits the KV cache into blocks.",

@@ -431,18 +431,11 @@ def test_32_concurrent_streams_equal_offline(server, offline, aclient_factory):
 
 # ---------------- errors ----------------
 def _post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if isinstance(body, (bytes, str)):
-        return httpx.post(server.url + path, content=body, headers={**headers, "Content-Type": "application/json"},
-                          timeout=60, **kw)
-    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
+    return server_helpers.post(server, path, body, {"Authorization": f"Bearer {key}"} if key else {}, **kw)
 
 
 def _error(resp: httpx.Response, status: int) -> str:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err["message"]
+    return server_helpers.openai_error(resp, status)["message"]
 
 
 def test_error_malformed_json_and_wrong_types(server):

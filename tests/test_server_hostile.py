@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 
+import server_helpers
 from server_helpers import ServerProcess, build_tiny_model
 
 KEY = "hostile-key"
@@ -54,18 +55,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def post(server, path: str, body, headers: dict | None = None, **kw) -> httpx.Response:
-    headers = AUTH if headers is None else headers
-    if isinstance(body, (bytes, str)):
-        return httpx.post(server.url + path, content=body, headers={**headers, "Content-Type": "application/json"},
-                          timeout=60, **kw)
-    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
+    return server_helpers.post(server, path, body, AUTH if headers is None else headers, **kw)
 
 
-def error_of(resp: httpx.Response, status: int) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
-    return err
+error_of = server_helpers.openai_error
 
 
 def assert_serves(server) -> None:

@@ -238,18 +238,23 @@ class OpenAIServing:
         outs = await self.collect(raw, streams)
         if outs is None:
             return Response(status_code=499)
-        choices = []
-        for i, (p, out) in enumerate(zip(prompts, outs)):
-            for comp in sorted(out.outputs, key=lambda c: c.index):
-                lp = None
-                if n_lp is not None:
-                    ids = (p.ids if req.echo else []) + comp.token_ids
-                    entries = ((out.prompt_logprobs or [None] * len(p.ids)) if req.echo else []) + (comp.logprobs or [])
-                    lp = P.completion_logprobs(ids, entries, n_lp, 0, self.decode_token)
-                choices.append({"index": i * params.n + comp.index,
-                                "text": (echo_texts[i] if echo_texts else "") + comp.text, "logprobs": lp,
-                                "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
+        choices = [choice for i, (p, out) in enumerate(zip(prompts, outs))
+                   for choice in self._completion_choices(i, p, out, params.n, n_lp, echo_texts)]
         return JSONResponse({**base, "choices": choices, "usage": self._usage(prompts, outs)})
+
+    def _completion_choices(self, i: int, p: Prompt, out: RequestOutput, n: int, n_lp: int | None,
+                            echo_texts: list[str] | None) -> list[dict]:
+        """The choices of prompt i's finished output (with the prompt in front when echoing)."""
+        choices = []
+        for comp in sorted(out.outputs, key=lambda c: c.index):
+            lp = None
+            if n_lp is not None:
+                ids = (p.ids if echo_texts else []) + comp.token_ids
+                entries = ((out.prompt_logprobs or [None] * len(p.ids)) if echo_texts else []) + (comp.logprobs or [])
+                lp = P.completion_logprobs(ids, entries, n_lp, 0, self.decode_token)
+            choices.append({"index": i * n + comp.index, "text": (echo_texts[i] if echo_texts else "") + comp.text,
+                            "logprobs": lp, "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
+        return choices
 
     # ---------------- /v1/chat/completions ----------------
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
