@@ -35,7 +35,8 @@ class _Fail(Exception):
 
 # ---------------- shared options ----------------
 _ENGINE_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
-                   "kv_cache_memory_gb", "enable_prefix_caching", "max_model_len", "speculative_config")
+                   "kv_cache_memory_gb", "enable_prefix_caching", "max_model_len", "speculative_config",
+                   "attention_backend", "load_format")
 
 
 def _add_model_args(p: argparse.ArgumentParser, seed_help: str = "engine random seed (default 0)") -> None:
@@ -61,6 +62,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         '(methods ngram, recycle, draft; K an integer or "auto")')
+    g.add_argument("--attention-backend", choices=["auto", "torch", "cpu", "triton"],
+                   help="attention kernels (default auto: C kernels on CPU, Triton on CUDA; env KVFLOW_ATTENTION_BACKEND)")
+    g.add_argument("--load-format", choices=["auto", "dummy"],
+                   help="dummy: random weights from the model folder's config.json (e.g. --model llama-3.1-8b)")
 
 
 def _engine_options(args) -> dict:
