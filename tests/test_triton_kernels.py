@@ -324,3 +324,24 @@ def test_decode_graph_buffers_match_the_eager_step(tiny_llama):
     want = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     assert graphs.sizes == [1, 2, 4]
+
+
+def test_engine_triton_speculative_decoding_and_preemption(tiny_llama):
+    """n-gram speculative decoding (verification chunks: the last token plus drafts over a cached
+    prefix) and preemption (a 10-block pool for three requests that need 4 each): greedy tokens
+    through the triton backend are still transformers' tokens."""
+    from engine_helpers import assert_all_blocks_free, hf_greedy
+    from kvflow import LLM, SamplingParams
+
+    path, hf = tiny_llama
+    gen = torch.Generator().manual_seed(1)
+    motif = torch.randint(3, 256, (6,), generator=gen).tolist()
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() + motif * 3 for n in (3, 6, 9)]
+    llm = LLM(model=str(path), dtype="float32", device=str(DEVICE), attention_backend="triton", block_size=8,
+              max_num_batched_tokens=32, num_gpu_blocks=10, enable_prefix_caching=False,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
+    assert llm.engine.speculator.stats.num_drafts > 0, "no draft was verified"
+    assert llm.engine.scheduler.num_preemptions > 0, "no request was preempted"
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in prompts]
+    assert_all_blocks_free(llm)

@@ -45,6 +45,12 @@ def load_hf_model(model: str, dtype: str, device: str):
     from transformers import AutoModelForCausalLM
     folder, gguf = model_files(model)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if not gguf and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        # a config-only folder (kvflow's --load-format dummy shapes): random weights of the same shape
+        from transformers import AutoConfig
+        with torch.device(device):
+            net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=parse_dtype(dtype, device))
+        return net.eval()
     try:
         net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype, device), **kwargs)
     except Exception as e:  # transformers raises many types for unreadable or unsupported files
