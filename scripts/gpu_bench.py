@@ -263,6 +263,64 @@ def cmd_prefill(args) -> dict:
             "flops": matmul_flops + attn_flops}
 
 
+def _start_decoding(llm, prompts: list[list[int]], steps: int) -> None:
+    """Queue the prompts and step until every request is past its prompt (decode-only from here)."""
+    from kvflow import SamplingParams
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 4)
+    for p in prompts:
+        llm.engine.add_request(None, p, params)
+    sched = llm.engine.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        llm.engine.step()
+
+
+def _finish(llm) -> None:
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
+GEMM_KERNEL_WORDS = ("gemm", "xmma", "cutlass", "nvjet", "gemv")  # cuBLAS / CUTLASS kernel names
+
+
+def cmd_profile(args) -> dict:
+    """Where a decode step's time goes, at batch 1 and at bigger batches: wall time per step, device
+    busy time per step (the gap is host work the GPU waits for), and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    s = shapes(args)
+    llm, _ = make_llm(args, s, max_num_seqs=4 * s["batch"])
+    cuda = args.device.startswith("cuda")
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    res: dict = {"device": args.device, "dtype": args.dtype}
+    steps = 8 if args.smoke else 24
+    for bs in (1, s["batch"], 4 * s["batch"]):
+        prompts = random_prompts(bs, 64, 6)
+        _start_decoding(llm, prompts, 4)  # warm-up: every graph bucket and kernel compiled
+        _finish(llm)
+        _start_decoding(llm, prompts, steps)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            sync(args.device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                llm.engine.step()
+            sync(args.device)
+            wall = time.perf_counter() - t
+        _finish(llm)
+        events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+        kernels = [e for e in events if not cuda or e.device_type.name == "CUDA"]
+        top = sorted(kernels, key=lambda e: getattr(e, key), reverse=True)[:25]
+        gemm_s = sum(getattr(e, key) for e in kernels if any(w in e.key.lower() for w in GEMM_KERNEL_WORDS)) / 1e6
+        cfg = llm.engine.model_config
+        res[f"batch_{bs}"] = {
+            "wall_ms_per_step": 1e3 * wall / steps,
+            "matmul_ms_per_step": 1e3 * gemm_s / steps,
+            "matmul_flops_per_s": 2 * cfg.num_params * bs * steps / gemm_s if gemm_s else None,
+            "device_busy_ms_per_step": sum(getattr(e, key) for e in kernels) / 1e3 / steps if cuda else None,
+            "top": [{"name": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps}
+                    for e in top]}
+    return res
+
+
 # ---------------- transformers on the same shapes ----------------
 def hf_model(args):
     import transformers
@@ -310,7 +368,8 @@ def cmd_summarize(args) -> dict:
         p = out / f"{name}.json"
         return json.loads(p.read_text()) if p.exists() else None
 
-    bw, d1, batch, hf, pre, eq = (load(n) for n in ("bandwidth", "decode1", "batch", "hf", "prefill", "equality"))
+    bw, d1, batch, hf, pre, eq, prof = (load(n) for n in ("bandwidth", "decode1", "batch", "hf", "prefill", "equality",
+                                                          "profile"))
     res: dict = {"equality_ok": eq.get("ok") if eq else None}
     if bw and d1:
         roof = bw["copy_bandwidth_Bps"] / d1["bytes_per_token"]
@@ -322,6 +381,10 @@ def cmd_summarize(args) -> dict:
         res.update(batch_output_tokens_per_s=batch["output_tokens_per_s"],
                    hf_batch_output_tokens_per_s=hf["output_tokens_per_s"],
                    batch_vs_transformers=batch["output_tokens_per_s"] / hf["output_tokens_per_s"], batch_goal=">= 5x")
+    big = prof and prof.get(f"batch_{4 * shapes(args)['batch']}")
+    if big and bw and big.get("matmul_flops_per_s"):
+        res.update(big_batch_decode_matmul_fraction_of_peak=big["matmul_flops_per_s"] / bw["matmul_flops_per_s"],
+                   big_batch_goal=">= 0.50")
     if pre and bw:
         ideal = pre["flops"] / bw["matmul_flops_per_s"]
         res.update(prefill_ttft_s=pre["ttft_s"], prefill_flop_roofline_s=ideal, prefill_ttft_over_roofline=pre["ttft_s"] / ideal,
@@ -330,7 +393,7 @@ def cmd_summarize(args) -> dict:
 
 
 COMMANDS = {"env": cmd_env, "bandwidth": cmd_bandwidth, "equality": cmd_equality, "decode1": cmd_decode1,
-            "batch": cmd_batch, "prefill": cmd_prefill, "hf": cmd_hf, "summarize": cmd_summarize}
+            "batch": cmd_batch, "prefill": cmd_prefill, "profile": cmd_profile, "hf": cmd_hf, "summarize": cmd_summarize}
 
 
 def main() -> None:

@@ -15,6 +15,8 @@
 #   decode1    batch-1 decode, dummy Llama-3.1-8B, bf16        -> decode1.json
 #   batch      64 x (512 in, 256 out), same model              -> batch.json
 #   prefill    8k-token prompt TTFT                            -> prefill.json
+#   profile    decode steps at batch 1, 64, 256 under the profiler:
+#              host vs device time, top kernels, matmul rate  -> profile.json
 #   hf         transformers' generate on the same shapes       -> hf.json
 #   summarize  roofline fractions and ratios                   -> summary.json
 # stages.jsonl lists every stage's exit code and seconds (124 = timed out).
@@ -62,6 +64,7 @@ bench bandwidth 25
 bench decode1 50
 bench batch 60
 bench prefill 40
+bench profile 90
 bench hf 75
 stage summarize 10 "$PY" scripts/gpu_bench.py summarize --out "$OUT/summary.json"
 echo "== done in $(( $(date +%s) - T0 )) s; stages:"

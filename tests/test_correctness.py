@@ -115,7 +115,7 @@ def test_references_equal_transformers_generate(hf_model, greedy_cases, label):
 def _small_pool(cases) -> int:
     """A pool that fits the largest request alone but nowhere near all of them at once."""
     need = max(-(-(len(c["prompt_ids"]) + GREEDY.max_tokens) // 16) for c in cases)
-    return max(40, need + 2)
+    return max(24, need + 2)
 
 
 SMALL_KV = dict(kv_cache_memory_gb=0.5)
@@ -128,26 +128,32 @@ BATCH_CONFIGS = {
 }
 
 
+# (requests, tokens each): all 32 cases to 64 tokens once; the other shapes of a step on fewer
+BATCH_SIZES = {"default": (32, 64), "no_prefix_cache": (16, 32), "budget16": (8, 32), "budget64": (16, 32),
+               "preemption": (8, 48)}
+
+
 @pytest.mark.parametrize("config", list(BATCH_CONFIGS))
 def test_greedy_batch_matches_transformers(make_llm, hf_model, tokenizer, greedy_cases, config):
     """32 mixed-length requests in one generate() call: every output still equals transformers'.
-    (16 of them where each step is small: a 16-token budget, or a pool that forces preemption.)"""
+    (Fewer, shorter ones where the point is the step's shape: no prefix cache, a 16- or 64-token
+    budget, or a pool that forces preemption.)"""
     options = BATCH_CONFIGS[config]
-    if options == "small_pool":
-        options = dict(num_gpu_blocks=_small_pool(greedy_cases))
-    llm = make_llm(**options)
+    num_requests, max_tokens = BATCH_SIZES[config]
     cases = list(greedy_cases)
     random.Random(0).shuffle(cases)  # long and short prompts interleaved
     assert len(cases) == 32
-    if config in ("budget16", "preemption"):
-        cases = cases[:16]
+    cases = cases[:num_requests]
+    if options == "small_pool":
+        options = dict(num_gpu_blocks=_small_pool(cases))
+    llm = make_llm(**options)
     engine = llm.engine
     preemptions, hits = engine.scheduler.num_preemptions, engine.block_pool.stats.hits
 
-    outputs = llm.generate([c["prompt"] for c in cases], GREEDY)
+    outputs = llm.generate([c["prompt"] for c in cases], SamplingParams(temperature=0.0, max_tokens=max_tokens))
 
     assert_all_blocks_free(llm)
-    check_greedy(hf_model, tokenizer, cases, outputs, config)
+    check_greedy(hf_model, tokenizer, cases, outputs, config, max_tokens=max_tokens)
     if config == "preemption":
         assert engine.scheduler.num_preemptions > preemptions, "the small pool never forced a preemption"
         assert sum(o.metrics.num_preemptions for o in outputs) == engine.scheduler.num_preemptions - preemptions

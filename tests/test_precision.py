@@ -58,10 +58,14 @@ def _check(name: str, what: str, got: list[tuple], want: list[tuple]) -> None:
         f"{float(diff.mean()):.3f} (max {max_diff}), max {float(diff.max()):.2f} over {len(diff)} positions")
 
 
+@pytest.fixture(scope="module")
+def float_prompt_scores(make_llm, tokenizer):
+    return _float_scores(make_llm, _prompts(tokenizer))
+
+
 @pytest.mark.parametrize("name", list(PRECISIONS))
-def test_prompt_logprobs_close_to_float32_batched_and_chunked(make_llm, tokenizer, name):
-    seqs = _prompts(tokenizer)
-    want = _float_scores(make_llm, seqs)
+def test_prompt_logprobs_close_to_float32_batched_and_chunked(make_llm, tokenizer, float_prompt_scores, name):
+    seqs, want = _prompts(tokenizer), float_prompt_scores
     params = SamplingParams(max_tokens=1, prompt_logprobs=1)
     for what, extra in (("batched", {}), ("chunked", dict(max_num_batched_tokens=64))):
         llm = make_llm(**PRECISIONS[name][0], **extra)

@@ -187,9 +187,24 @@ def _topk_probs(llm, ids: list[int]) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def expected(make_llm):
+def tiny_llm(tiny_model_dir):
+    """Engines on the tiny random-weight model, one per set of options: the distributions are the
+    point, not the weights, and 400 seeded requests per check cost a fraction of the real model."""
+    from kvflow import LLM
+    engines: dict = {}
+
+    def get(**options):
+        key = json.dumps(options, sort_keys=True)
+        if key not in engines:
+            engines[key] = LLM(model=tiny_model_dir, dtype="float32", num_gpu_blocks=128, **options)
+        return engines[key]
+    return get
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llm):
     """Exact probabilities of (t1, t2), and of t3 given each (t1, t2)."""
-    llm = make_llm(num_gpu_blocks=128)
+    llm = tiny_llm()
     ids = llm.get_tokenizer().encode(PROMPT)
     p1 = _topk_probs(llm, ids)
     joint, cond, p3 = {}, {}, {}
@@ -219,17 +234,17 @@ def _check(samples, exp, what: str) -> None:
     assert_conditionals_fit(groups, exp["p3"], f"{what}: t3 given (t1, t2)")
 
 
-def test_engine_sampling_without_speculation_matches_exact_probabilities(make_llm, expected):
+def test_engine_sampling_without_speculation_matches_exact_probabilities(tiny_llm, expected):
     """The reference check itself: plain sampling fits the exact table."""
-    llm = make_llm(num_gpu_blocks=128)
+    llm = tiny_llm()
     assert max(expected["p1"].values()) < 0.95, f"{PROMPT!r} is nearly deterministic: {expected['p1']}"
     _check(_sample(llm, expected["ids"]), expected, "no speculation")
 
 
-def test_engine_speculative_sampling_preserves_distribution(make_llm, expected, monkeypatch):
+def test_engine_speculative_sampling_preserves_distribution(tiny_llm, expected, monkeypatch):
     """The second token of every request is verified against one fixed draft; its distribution
     (and the bonus token's after an accepted draft) is the model's, not pulled toward the draft."""
-    llm = make_llm(num_gpu_blocks=128, speculative_config=json.dumps({"method": "ngram", "num_speculative_tokens": 2}))
+    llm = tiny_llm(speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     spec = llm.engine.speculator
     monkeypatch.setattr(spec, "proposer", FixedDraft(expected["draft"]))
     d0, a0 = spec.stats.num_drafts, spec.stats.num_accepted
@@ -260,10 +275,10 @@ class FixedTree:
         return [tree if r.num_output_tokens == 1 else empty for r in requests]
 
 
-def test_engine_tree_verification_preserves_distribution(make_llm, expected, monkeypatch):
+def test_engine_tree_verification_preserves_distribution(tiny_llm, expected, monkeypatch):
     """Sampled verification of a tree (the target's draw at each node decides which child, if any,
     is followed): the joint of (t1, t2) and t3 given (t1, t2) are the model's."""
-    llm = make_llm(num_gpu_blocks=128, speculative_config=json.dumps({"method": "recycle", "num_speculative_tokens": 4}))
+    llm = tiny_llm(speculative_config={"method": "recycle", "num_speculative_tokens": 4})
     spec = llm.engine.speculator
     mode = expected["mode"]
     seconds = sorted(expected["joint"], key=lambda k: -expected["joint"][k])

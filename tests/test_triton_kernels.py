@@ -196,9 +196,10 @@ def test_rms_norm(dtype, with_residual):
     x = torch.randn(5, 96, generator=gen).to(DEVICE, dtype)
     w = (1 + 0.3 * torch.randn(96, generator=gen)).to(DEVICE, dtype)
     res = torch.randn(5, 96, generator=gen).to(DEVICE, dtype) if with_residual else None
-    got = rms_norm(x, w, 1e-6, res)
     want = rms_norm_reference(x, w, 1e-6, res)
+    got = rms_norm(x, w, 1e-6, res, residual_out=res)  # the model's call: the residual stream updated in place
     if with_residual:
+        assert got[1] is res
         if dtype == torch.bfloat16:
             torch.testing.assert_close(got[1].float(), want[1].float(), rtol=BF16_RTOL, atol=0)
         else:

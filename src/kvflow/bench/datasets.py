@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvflow.cache import cache_dir
 from kvflow.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -224,8 +225,7 @@ def _cache_file(path: Path, tokenizer) -> Path | None:
         return None
     key = hashlib.sha256(f"{_CACHE_VERSION}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:".encode()
                          + tok_id.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
-    return root / "datasets" / f"sharegpt-{key}.json"
+    return cache_dir("datasets") / f"sharegpt-{key}.json"
 
 
 # Past this many prompts, tokenizing the whole file once (and caching it) beats visiting lazily.

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from kvflow.cache import cache_dir
+
 logger = logging.getLogger(__name__)
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 GEMV_MAX_ROWS = 8  # csrc/gemv.c's MAX_M
@@ -33,7 +35,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     source = b"".join(p.read_bytes() for p in _SOURCES)
     digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow")) / "kernels"
+    cache = cache_dir("kernels")
     target = cache / f"kvflow-kernels-{digest}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)

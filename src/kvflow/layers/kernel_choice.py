@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from kvflow.cache import cache_dir
+
 logger = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 4, 8, 16, 64, 256)  # a call with M rows uses the bucket of the smallest bound >= M
@@ -68,7 +70,7 @@ def cache_key() -> dict:
 
 
 def cache_path() -> Path:
-    root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow")) / "calibration"
+    root = cache_dir("calibration")
     digest = hashlib.sha256(json.dumps(cache_key(), sort_keys=True).encode()).hexdigest()[:16]
     return root / f"linear-{digest}.json"
 

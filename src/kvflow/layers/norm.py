@@ -11,7 +11,8 @@ class RMSNorm(torch.nn.Module):
 
     `norm(x)` returns rmsnorm(x); `norm(x, residual)` returns (rmsnorm(x + residual), x + residual)
     and updates `residual` in place (the decoder's residual stream, as vLLM carries it). On CPU a
-    C kernel does either in one pass where it measures faster than torch (layers/op_select.py)."""
+    C kernel does either in one pass where it measures faster than torch (layers/op_select.py); on
+    CUDA a Triton kernel always does."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -19,6 +20,9 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:  # one Triton kernel instead of six
+            from kvflow.layers.triton.rms_norm import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual, residual_out=residual)
         if self._use_kernel(x, residual):
             out = cpu_kernels.add_rmsnorm(x, residual, self.weight, self.eps)
         else:

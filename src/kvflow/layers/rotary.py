@@ -68,8 +68,12 @@ class RotaryTables:
 def rotate_heads(rows: torch.Tensor, num_heads: int, head_dim: int, tables: RotaryTables) -> torch.Tensor:
     """Rotary embedding of the first num_heads heads of each row of rows [T, stride] (the q and k
     parts of a fused qkv matmul output) -> [T, num_heads, head_dim]. The C kernel rotates them in
-    place and returns a view; the torch path returns a new tensor. Chosen by measurement."""
+    place and returns a view; the torch path returns a new tensor. Chosen by measurement on CPU; on
+    CUDA a Triton kernel rotates in place."""
     T = rows.shape[0]
+    if rows.is_cuda and rows.stride(1) == 1:
+        from kvflow.layers.triton.rotary import rotary_
+        return rotary_(rows[:, :num_heads * head_dim].view(T, num_heads, head_dim), tables.cos32, tables.sin32)
     if _use_kernel(rows, num_heads, head_dim, tables):
         cpu_kernels.rotary_(rows, num_heads, head_dim, tables.cos32, tables.sin32)
         return rows[:, :num_heads * head_dim].view(T, num_heads, head_dim)

@@ -2,9 +2,9 @@
 
 Order as in vLLM: penalties and logit_bias on the raw logits, then greedy rows take the argmax;
 the others divide by temperature, apply min_p / top_k / top_p, and draw by the exponential race
-(argmax of p / E, E ~ Exp(1)). A seeded request draws the noise of output position i from a
-generator seeded by (seed, i): its output depends neither on what else is in the batch nor on
-speculation, preemption or how many draws came before. Reported logprobs are those of the raw model
+(argmax of p / E, E ~ Exp(1)). A seeded request's noise for token t at output position i is a hash
+of (seed, i, t): its output depends neither on what else is in the batch nor on speculation,
+preemption or how many draws came before. Reported logprobs are those of the raw model
 distribution, as vLLM reports them.
 """
 from __future__ import annotations
@@ -106,11 +106,12 @@ def _random_sample(logits: torch.Tensor, requests: list[SamplingRow]) -> torch.T
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
     logits = logits / temps
-    if any(p.top_k > 0 for p in params):
-        k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params], device=dev)
-        sorted_desc = logits.sort(dim=-1, descending=True).values
-        kth = sorted_desc.gather(1, (k - 1).clamp(max=logits.shape[1] - 1)[:, None])
-        logits = logits.masked_fill(logits < kth, -float("inf"))
+    top_ks = [min(p.top_k, logits.shape[1]) if p.top_k > 0 else 0 for p in params]
+    token_ids = None  # column j holds token j, unless narrowed to candidates below
+    if all(top_ks):  # every row keeps at most its k likeliest tokens: sample among max(k) columns only
+        logits, token_ids = logits.topk(max(top_ks), dim=-1)
+    if any(top_ks):
+        logits = _keep_top_k(logits, top_ks)
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev)[:, None]
@@ -121,12 +122,42 @@ def _random_sample(logits: torch.Tensor, requests: list[SamplingRow]) -> torch.T
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly more likely tokens
         drop_sorted = before >= top_p * sorted_probs.sum(dim=-1, keepdim=True)
         probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
-    noise = torch.empty_like(probs)
-    unseeded = [i for i, r in enumerate(requests) if r.seed is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
-    for i, r in enumerate(requests):
-        if r.seed is not None:  # a CPU generator: the same draws on any device
-            gen = torch.Generator().manual_seed(hash((r.seed, r.position)) & (2**63 - 1))
-            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=gen).to(dev)
-    return (probs / noise).argmax(dim=-1)
+    choice = (probs / _exponential_noise(probs, requests, token_ids)).argmax(dim=-1)
+    return choice if token_ids is None else token_ids.gather(1, choice[:, None]).squeeze(1)
+
+
+def _keep_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    """Mask all but each row's k largest logits (k = 0: keep all) with one partial sort."""
+    k = torch.tensor([max(k, 1) for k in top_ks], device=logits.device)
+    kth = logits.topk(max(top_ks), dim=-1).values.gather(1, (k - 1)[:, None])
+    unlimited = torch.tensor([k == 0 for k in top_ks], device=logits.device)[:, None]
+    return logits.masked_fill((logits < kth) & ~unlimited, -float("inf"))
+
+
+def _exponential_noise(probs: torch.Tensor, requests: list[SamplingRow], token_ids: torch.Tensor | None) -> torch.Tensor:
+    """Exp(1) noise per row and token. A seeded row's noise for token t is a hash of (seed, output
+    position, t): the same on any device, in any batch, whichever tokens are candidates, and drawn
+    for the whole batch at once (no generator per row, no host round trip)."""
+    noise = torch.empty_like(probs).exponential_()
+    seeded = [i for i, r in enumerate(requests) if r.seed is not None]
+    if seeded:
+        dev = probs.device
+        keys = torch.tensor([hash((requests[i].seed, requests[i].position)) & (2**63 - 1) for i in seeded], device=dev)
+        ids = (token_ids[seeded] if token_ids is not None
+               else torch.arange(probs.shape[1], device=dev).expand(len(seeded), -1))
+        noise[seeded] = _hashed_exponential(keys[:, None], ids).to(noise.dtype)
+    return noise
+
+
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # 64-bit constants
+
+
+def _hashed_exponential(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log(U), U uniform in (0, 1) from splitmix64 of key + id * golden ratio (int64 arithmetic
+    wraps as unsigned would; shifts are masked to act as logical shifts)."""
+    x = keys + ids * _GOLDEN
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    u = (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0 ** -53
+    return -torch.log(u)

@@ -3,17 +3,19 @@ folders (config.json + *.safetensors + tokenizer.json). Nothing is downloaded: a
 bundled alias or a local path."""
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kvflow.cache import cache_dir, file_key
 from kvflow.config import ModelConfig
 from kvflow.errors import ModelLoadError, ModelNotFoundError
 from kvflow.layers.quantized_linear import QuantizedTensor
@@ -83,10 +85,7 @@ def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int |
     if load_format == "dummy":
         return load_dummy_model(path, dtype, device, max_positions, seed)
     if path.is_file():
-        reader = _open_gguf(path)
-        config, state = _read_gguf(reader, path, quantization)
-        tokenizer, eos = _gguf_tokenizer(path, reader.fields)
-        del reader  # unmaps the file
+        config, state, tokenizer, eos = _load_gguf(path, quantization)
     else:
         config, state = _read_hf_folder(path)
         tokenizer, eos = _hf_tokenizer(path)
@@ -114,6 +113,56 @@ def _quantized(w: torch.Tensor, kind: str) -> QuantizedTensor:
 
 
 # ---------------- GGUF ----------------
+_WEIGHTS_CACHE_VERSION = "1"
+
+
+def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, dict, object, tuple[int, ...]]:
+    """Config, tensors, tokenizer and EOS ids of a GGUF file. Reading a GGUF costs seconds of Python
+    (metadata parsing, dequantization) on every start, so the dequantized float32 tensors are kept
+    once in the cache as safetensors and later starts read those instead (KVFLOW_WEIGHTS_CACHE=0
+    turns it off). Quantized loads keep reading the file: their tensors are already compact."""
+    cached = _weights_cache(path) if quantization == "none" else None
+    if cached is not None and (cached / "model.safetensors").exists():
+        try:
+            return _read_weights_cache(cached, path)
+        except Exception as e:  # a damaged cache entry: read the file again and rewrite it
+            logger.info("ignoring the weights cache in %s: %s", cached, e)
+    reader = _open_gguf(path)
+    config, state = _read_gguf(reader, path, quantization)
+    tokenizer, eos = _gguf_tokenizer(path, reader.fields)
+    del reader  # unmaps the file
+    if cached is not None:
+        _write_weights_cache(cached, config, state, eos)
+    return config, state, tokenizer, eos
+
+
+def _weights_cache(path: Path) -> Path | None:
+    if os.environ.get("KVFLOW_WEIGHTS_CACHE", "1") == "0":
+        return None
+    return cache_dir("weights", file_key(path, _WEIGHTS_CACHE_VERSION))
+
+
+def _read_weights_cache(folder: Path, path: Path):
+    from safetensors.torch import load_file
+    meta = json.loads((folder / "meta.json").read_text())
+    tokenizer, _ = _gguf_tokenizer(path, {})
+    return ModelConfig(**meta["config"]), load_file(str(folder / "model.safetensors")), tokenizer, tuple(meta["eos"])
+
+
+def _write_weights_cache(folder: Path, config: ModelConfig, state: dict, eos: tuple[int, ...]) -> None:
+    """Written beside, then renamed into place: two processes loading at once never see half a file."""
+    from safetensors.torch import save_file
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"config": dataclasses.asdict(config), "eos": list(eos)}))
+        tmp.rename(folder)
+    except OSError as e:  # a full or read-only disk, or another process won the rename
+        logger.info("could not cache the weights in %s: %s", folder, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 _GGUF_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -257,9 +306,7 @@ def _gguf_tokenizer(path: Path, fields: dict):
     """transformers converts the GGUF vocabulary to a fast tokenizer (several seconds); the result
     is cached beside the user's other caches, keyed by the file's identity."""
     from transformers import AutoTokenizer
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow")) / "tokenizers" / key
+    cache = cache_dir("tokenizers", file_key(path))
     try:
         if (cache / "tokenizer.json").exists():
             tok = AutoTokenizer.from_pretrained(str(cache))

@@ -28,13 +28,14 @@ def _rms_norm_kernel(X, Res, W, Out, ResOut, s_x, s_r, s_o, s_ro, N, eps,
     tl.store(Out + row * s_o + offs, (y * w).to(Out.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, N] (last dim contiguous). Without residual: norm(x). With: (norm(x + residual), x + residual)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             residual_out: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, N] (last dim contiguous). Without residual: norm(x). With: (norm(x + residual), x + residual),
+    the sum written to `residual_out` (a new tensor by default; `residual` itself updates it in place)."""
     assert x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous()
     T, N = x.shape
     out = torch.empty_like(x)
-    res_out = torch.empty_like(x) if residual is not None else out
+    res_out = out if residual is None else residual_out if residual_out is not None else torch.empty_like(x)
     res_in = residual if residual is not None else x
     if T:
         _rms_norm_kernel[(T,)](x, res_in, weight, out, res_out, x.stride(0), res_in.stride(0), out.stride(0),
