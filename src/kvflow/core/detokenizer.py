@@ -81,5 +81,10 @@ class IncrementalDetokenizer:
         return detok
 
     def _decode(self, ids: list[int]) -> str:
+        # A fast tokenizer's Rust decoder directly: transformers' decode() wraps the same call in
+        # argument handling that costs more than the decode itself, twice per token per request.
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "decode"):
+            return backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
