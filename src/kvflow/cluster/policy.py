@@ -148,10 +148,17 @@ class PrefixAffinity(DispatchPolicy):
         self.last_hit_blocks = 0  # leading blocks matched by the last choose() (for reports)
 
     def choose(self, prompt_token_ids: list[int], priority: int, loads: list[InstanceLoad]) -> str:
+        return self.choose_blocks(prompt_block_hashes(prompt_token_ids, self.block_size), priority, loads)
+
+    def on_dispatch(self, instance_id: str, prompt_token_ids: list[int]) -> None:
+        self.on_dispatch_blocks(instance_id, prompt_block_hashes(prompt_token_ids, self.block_size))
+
+    # The same two decisions from chained block hashes the caller already has (the simulator
+    # describes prompts by their blocks, not by token ids).
+    def choose_blocks(self, hashes: list[int], priority: int, loads: list[InstanceLoad]) -> str:
         open_ = _open_instances(loads)
         for load in open_:
             self._pool_blocks[load.instance_id] = load.num_total_blocks
-        hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
         best, best_hits = None, 0
         for load in open_:
             hits = self._leading_hits(load.instance_id, hashes)
@@ -163,9 +170,9 @@ class PrefixAffinity(DispatchPolicy):
         self.last_hit_blocks = 0
         return _least_loaded(open_, self.priority_headroom_blocks).instance_id
 
-    def on_dispatch(self, instance_id: str, prompt_token_ids: list[int]) -> None:
+    def on_dispatch_blocks(self, instance_id: str, hashes: list[int]) -> None:
         cache = self._cached.setdefault(instance_id, OrderedDict())
-        for h in prompt_block_hashes(prompt_token_ids, self.block_size):
+        for h in hashes:
             cache[h] = None
             cache.move_to_end(h)
         capacity = self.cache_blocks or self._pool_blocks.get(instance_id, 0)
@@ -236,6 +243,13 @@ class MigrationPolicy:
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self.priority_headroom_blocks = priority_headroom_blocks
+
+    def candidate_sources(self, loads: list[InstanceLoad]) -> set[str]:
+        """The instances plan() may move a request off: callers need only report their running
+        requests (fewer to gather, on a big cluster)."""
+        return {load.instance_id for load in loads
+                if load.draining or _lacks_room_for_priority(load)
+                or virtual_usage(load, self.priority_headroom_blocks) > self.high_watermark}
 
     def plan(self, loads: list[InstanceLoad], running: list[RequestLoad]) -> list[Migration]:
         by_instance: dict[str, list[RequestLoad]] = {}
