@@ -130,3 +130,12 @@ def test_cli_run_replays_a_trace(tmp_path, capsys):
     trace.write_text('{"arrival": 0}\n')
     assert main(["sim", "run", "--trace", str(trace)]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_cli_sweep_writes_a_plot(tmp_path):
+    plot, data = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    assert main(["sim", "sweep", "--instances", "4", "--rates-per-instance", "0.5,1", "--requests-per-instance", "10",
+                 "--workload", "sessions", "--plot", str(plot), "--json", str(data)]) == 0
+    runs = json.loads(data.read_text())
+    assert len(runs) == 2 * 5 and all(r["completed"] > 0 for r in runs)
+    assert plot.stat().st_size > 10_000
