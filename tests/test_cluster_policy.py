@@ -137,3 +137,10 @@ def test_autoscaler_keeps_min_instances():
     assert policy.decide([load("a"), load("b")], 0, now=1).remove == []
     with pytest.raises(ValueError):
         AutoscalePolicy(min_instances=3, max_instances=2)
+
+
+def test_migration_candidate_sources_are_what_plan_may_move_off():
+    policy = MigrationPolicy()
+    loads = [load("hot", used=90), load("cold", used=10), load("drain", draining=True),
+             load("vip", used=40, waiting=1, demand=80, waiting_high=1, high=1)]
+    assert policy.candidate_sources(loads) == {"hot", "drain", "vip"}
