@@ -784,3 +784,16 @@ def test_bench_spec_tiny(make_llm, monkeypatch, tmp_path):
     with contextlib.redirect_stderr(err):
         rc = cli.main(["bench", "spec", "--methods", "medusa", "--no-hf-peer"])
     assert rc == 2 and "unknown method" in err.getvalue()
+
+
+def test_auto_seeds_step_time_within_a_short_context_model(tiny_model_dir):
+    """Seeding the step-time model probes a long context: on a model with few positions (the tiny
+    one has 512) the probes stay inside them instead of failing at start-up."""
+    from kvflow import LLM
+    llm = LLM(model=tiny_model_dir, dtype="float32", num_gpu_blocks=64,
+              speculative_config={"method": "ngram", "num_speculative_tokens": "auto"})
+    assert llm.engine.model_config.max_position_embeddings <= 512
+    assert llm.engine.speculator.stats.step_time_error is None or llm.engine.speculator.stats.step_time_error >= 0
+    out = llm.generate([5, 6, 7, 5, 6, 7, 5, 6], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 8
+    assert_blocks_free(llm)

@@ -35,7 +35,9 @@ def shape_of(tokens: int, start: int, rows: int) -> StepShape:
 
 @torch.inference_mode()
 def time_shapes(runner: ModelRunner, pool: BlockPool, repeats: int = 2) -> list[tuple[StepShape, float]]:
-    long = min(LONG, pool.num_blocks * pool.block_size - 128)
+    # the longest probe (32 tokens after the long context) must fit the pool and the model's positions
+    room = min(pool.num_blocks * pool.block_size, runner.model_config.max_position_embeddings)
+    long = min(LONG, room - 128)
     shapes = [(n, c if c == SHORT else long, r) for n, c, r in SHAPES]
     if long < 4 * SHORT:
         shapes = [s for s in shapes if s[1] == SHORT]
