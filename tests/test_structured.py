@@ -267,3 +267,34 @@ def test_slow_compile_waits_alone(llms, monkeypatch):
     for rid in ("slow", "slow-again"):
         assert re.fullmatch("[0-9]{3}", "".join(c.text for o in outs[rid] for c in o.outputs)), outs[rid]
     assert_all_blocks_free(llm)
+
+
+def test_tool_plans_parse_and_stream():
+    """tool_choice checks; "auto" parses Hermes-style <tool_call> blocks from text, and its stream
+    sends content until the tag (holding back a tail that may begin it), then the calls at the end."""
+    from kvflow.structured.tools import ToolStream, tool_plan
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    with pytest.raises(InvalidRequestError, match="not in tools"):
+        tool_plan([weather], {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(InvalidRequestError, match=r"tools\[0\]"):
+        tool_plan([{"type": "function"}], "auto")
+    assert tool_plan(None, None) is None and tool_plan([weather], None).choice == "auto"
+
+    auto = tool_plan([weather], "auto")
+    text = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = auto.parse(text)
+    assert content == "Let me look." and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+    assert auto.parse("just text") == ("just text", [])
+    stream = ToolStream(auto)
+    sent = [stream.delta(p) for p in ("Let me ", "look.\n<tool", "_call>\n{\"name\": ", text.split("{\"name\": ")[1])]
+    assert "".join(d.get("content", "") for d in sent) == "Let me look.\n"
+    last, has_calls = stream.finish()
+    assert has_calls and last["tool_calls"][0]["function"]["name"] == "get_weather"
+
+    required = tool_plan([weather], "required", parallel_tool_calls=False)
+    schema = required.structured_outputs().json
+    assert schema["maxItems"] == 1 and schema["items"]["anyOf"][0]["properties"]["name"] == {"enum": ["get_weather"]}
+    assert required.parse('[{"name": "get_weather", "arguments": {"city": "Oslo"}}]')[1][0].name == "get_weather"
+    assert required.parse('[{"name": "get_wea')[1] == []  # cut by max_tokens: plain text

@@ -30,8 +30,9 @@ _WHAT = {"json": "JSON schema", "regex": "regex", "choice": "choice list", "gram
 _NOISE = re.compile(r"^\s*\[[\d:]+\]\s*\S+:\d+:\s*(Check failed:.*? is false:\s*)?")
 
 
-def parse(spec: StructuredOutputsParams):
-    """The spec as an xgrammar Grammar; InvalidRequestError naming what is wrong with it."""
+def parse(spec: StructuredOutputsParams, field: str | None = None):
+    """The spec as an xgrammar Grammar; InvalidRequestError naming what is wrong with it (and
+    `field`, the request field it came from; structured_outputs.<kind> by default)."""
     import xgrammar as xgr
 
     kind = spec.kind
@@ -50,7 +51,7 @@ def parse(spec: StructuredOutputsParams):
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice))
         return xgr.Grammar.from_ebnf(spec.grammar)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise InvalidRequestError(f"invalid {_WHAT[kind]} in structured_outputs.{kind}: {_clean(e)}") from None
+        raise InvalidRequestError(f"invalid {_WHAT[kind]} in {field or 'structured_outputs.' + kind}: {_clean(e)}") from None
 
 
 def _clean(e: BaseException) -> str:
