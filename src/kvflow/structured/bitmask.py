@@ -7,8 +7,9 @@ from kvflow.core.scheduler import ScheduledRequest
 
 
 def grammar_bitmask(sampled: list[ScheduledRequest], vocab_size: int) -> tuple[torch.Tensor, list[int]] | None:
-    """(bitmask [rows, ceil(V / 32)] int32 on the CPU, the sampling rows they belong to), or None
-    when no sampled request has a grammar. A request owns 1 + len(drafts) consecutive rows, in order."""
+    """(bitmask [sampling rows, ceil(V / 32)] int32 on the CPU, the rows that have a grammar), or
+    None when no sampled request has one. A request owns 1 + len(drafts) consecutive rows, in order;
+    rows of other requests stay all-ones and are not touched by the sampler."""
     spans: list[tuple[ScheduledRequest, int]] = []
     row = 0
     for s in sampled:
@@ -18,10 +19,8 @@ def grammar_bitmask(sampled: list[ScheduledRequest], vocab_size: int) -> tuple[t
         row += len(s.spec_token_ids) + 1
     if not spans:
         return None
+    bitmask = torch.full((row, (vocab_size + 31) // 32), -1, dtype=torch.int32)  # -1: every token allowed
+    for s, first in spans:
+        s.request.grammar.fill_rows(bitmask, first, s.spec_token_ids)
     rows = [r for s, first in spans for r in range(first, first + len(s.spec_token_ids) + 1)]
-    bitmask = torch.full((len(rows), (vocab_size + 31) // 32), -1, dtype=torch.int32)  # -1: every token allowed
-    at = 0
-    for s, _ in spans:
-        s.request.grammar.fill_rows(bitmask, at, s.spec_token_ids)
-        at += len(s.spec_token_ids) + 1
     return bitmask, rows
