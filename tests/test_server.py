@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import os
 import signal
 import time
@@ -473,9 +474,9 @@ def test_error_unsupported_fields(client):
         client.completions.create(model=MODEL, prompt="x", suffix="y")
     with pytest.raises(openai.BadRequestError, match="best_of is not supported"):
         client.completions.create(model=MODEL, prompt="x", best_of=3)
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match="functions"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+                                       functions=[{"name": "f"}])
 
 
 def test_error_context_length(client, offline):
@@ -657,6 +658,91 @@ def test_metrics_exposition(server):
     assert m["kvflow:prompt_tokens_total"] > 0 and m["kvflow:generation_tokens_total"] > 0
     assert m['kvflow:requests_rejected_total{reason="invalid"}'] > 0
     assert m['kvflow:requests_rejected_total{reason="unauthorized"}'] > 0
+
+
+# ---------------- structured output and tools ----------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "city": {"enum": ["Paris", "London", "Tokyo"]}},
+          "required": ["name", "age", "city"]}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "London", "Tokyo"]},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def test_response_format_and_guided_extras(client):
+    """json_schema (chat) and the guided_* extras (completions) return output that parses and matches."""
+    jsonschema = pytest.importorskip("jsonschema")
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person living in Paris as JSON."}],
+        temperature=0, max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    r = client.completions.create(model=MODEL, prompt=["Is the sky blue? Answer:", "A code:"], max_tokens=20,
+                                  temperature=1.0, seed=1, n=2,
+                                  extra_body={"guided_choice": ["yes", "no"]})
+    assert [c.text for c in r.choices if c.finish_reason == "stop"] and all(c.text in ("yes", "no") for c in r.choices)
+    r = client.completions.create(model=MODEL, prompt="A code:", max_tokens=20, temperature=0,
+                                  extra_body={"guided_regex": "[A-Z]{3}-[0-9]{3}"})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{3}", r.choices[0].text), r.choices[0].text
+
+
+def test_bad_structured_specs_are_400s(server, client):
+    for kw, needle in [
+            (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+             "nonsense"),
+            (dict(extra_body={"guided_regex": "a(b"}), "guided_regex"),
+            (dict(extra_body={"guided_grammar": "root ::= foo"}), "foo"),
+            (dict(extra_body={"guided_json": {"type": "object"}, "guided_regex": "a"}), "only one"),
+            (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "nope")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, **kw)
+        assert needle in e.value.message, (kw, e.value.message)
+    assert server.wait_idle()["kvflow:num_requests_running"] == 0
+
+
+def test_tool_choice_named_and_required(client):
+    """A named function and "required" are enforced by a schema: the calls always parse; streamed,
+    the deltas add up to the same calls."""
+    args_schema = WEATHER["function"]["parameters"]
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=50,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    pytest.importorskip("jsonschema").validate(json.loads(call.function.arguments), args_schema)
+
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                       temperature=0, max_tokens=80)
+    assert r.choices[0].finish_reason == "tool_calls"
+    calls = r.choices[0].message.tool_calls
+    assert calls and all(c.function.name in ("get_weather", "get_time") for c in calls)
+    required_calls = [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+    for tool_choice, want in [({"type": "function", "function": {"name": "get_weather"}},
+                               [(call.function.name, json.loads(call.function.arguments))]),
+                              ("required", required_calls)]:
+        stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0,
+                                                max_tokens=80, tool_choice=tool_choice, stream=True)
+        got: dict[int, dict] = {}
+        finish = None
+        for chunk in stream:
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+                assert not c.delta.content
+                for d in c.delta.tool_calls or []:
+                    acc = got.setdefault(d.index, {"name": "", "arguments": ""})
+                    acc["name"] += (d.function.name or "") if d.function else ""
+                    acc["arguments"] += (d.function.arguments or "") if d.function else ""
+        assert finish == "tool_calls"
+        assert [(g["name"], json.loads(g["arguments"])) for _, g in sorted(got.items())] == want
 
 
 # ---------------- shutdown (last: it stops the module's server) ----------------

@@ -1,11 +1,57 @@
-"""SamplingParams: what to generate and how. Invalid values raise InvalidRequestError naming the field."""
+"""SamplingParams: what to generate and how. Invalid values raise InvalidRequestError naming the field.
+
+StructuredOutputsParams (vLLM's name and fields) constrains the output's shape; kvflow.structured
+turns it into a grammar. Only its form is checked here; the grammar itself (a schema, a regex) is
+checked when the engine parses it (kvflow.structured.grammar.parse)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from kvflow.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of: a JSON schema (dict or JSON text), a regex, a list of choices, an EBNF
+    grammar (GBNF, as llama.cpp writes it), or json_object=True (any JSON object)."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON: no whitespace between elements (compact output)
+
+    def __post_init__(self) -> None:
+        set_kinds = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(set_kinds) != 1:
+            raise InvalidRequestError("structured_outputs must set exactly one of json, regex, choice, grammar, "
+                                      f"json_object; got {set_kinds or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidRequestError(f"structured_outputs.json must be a JSON schema (an object or its text), "
+                                      f"got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidRequestError(f"structured_outputs.{name} must be a non-empty string, got {v!r}")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise InvalidRequestError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise InvalidRequestError(f"structured_outputs.json_object must be true or false, got {self.json_object!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str, bool]:
+        """What identifies the compiled grammar (its cache key)."""
+        value = getattr(self, self.kind)
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        return self.kind, text, self.disable_any_whitespace
 
 
 @dataclass
@@ -29,11 +75,17 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token (plus the sampled one)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self.stop_strings = self._check_stop(self.stop)
+        if isinstance(self.structured_outputs, dict):  # from export_state (dataclasses.asdict)
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidRequestError(f"structured_outputs must be a StructuredOutputsParams, "
+                                      f"got {type(self.structured_outputs).__name__}")
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids

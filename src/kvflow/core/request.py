@@ -35,6 +35,9 @@ class Request:
     leader: Request | None = None
     eos_token_ids: tuple[int, ...] = ()
     detokenizer: IncrementalDetokenizer | None = None
+    # Structured output: where this sample stands in its grammar (kvflow.structured.matcher
+    # RequestGrammar; duck-typed here so the core stays free of xgrammar and torch).
+    grammar: object | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -94,7 +97,7 @@ class Request:
         """Everything needed to continue this request elsewhere, as plain Python data (the leader
         link and the tokenizer stay behind; the importer attaches its own tokenizer)."""
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name not in ("leader", "detokenizer", "params", "metrics", "status")}
+                 if f.name not in ("leader", "detokenizer", "grammar", "params", "metrics", "status")}
         state["params"] = dataclasses.asdict(self.params)
         state["metrics"] = dataclasses.asdict(self.metrics)
         state["status"] = self.status.value

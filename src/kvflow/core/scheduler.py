@@ -12,6 +12,7 @@ free and publish blocks), and `set_draft_tokens` is the one way speculative draf
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.spec_tree import DraftTree, accept_path, path_kv_moves
 from kvflow.outputs import Logprob
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,7 +146,8 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         still_waiting: list[Request] = []
         for req in self.waiting:
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs or self._waits_for_leader(req):
+            if (budget <= 0 or len(self.running) >= self.config.max_num_seqs or self._waits_for_leader(req)
+                    or self._waits_for_grammar(req)):
                 still_waiting.append(req)
                 continue
             hits = self.pool.find_cached_prefix(req)
@@ -172,6 +176,12 @@ class Scheduler:
         lead = req.leader
         return (lead is not None and self.pool.enable_prefix_caching and not lead.is_finished
                 and lead.num_computed_tokens < lead.num_prompt_tokens)
+
+    @staticmethod
+    def _waits_for_grammar(req: Request) -> bool:
+        """Structured output: the request waits (and nobody waits for it) until its grammar is
+        compiled; one whose compilation failed also waits here until the engine fails it."""
+        return req.grammar is not None and (not req.grammar.ready or req.grammar.error is not None)
 
     def reserve(self, req: Request, num_tokens: int) -> bool:
         """Make the request own blocks for `num_tokens` positions (all or nothing)."""
@@ -257,7 +267,13 @@ class Scheduler:
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         req.metrics.last_token_time = now
+        if req.grammar is not None and not req.grammar.accept(token):
+            # The bitmask allowed only grammar tokens, so this is a bug; it fails this request alone.
+            logger.error("request %s: token %d is outside its grammar; aborting it", req.request_id, token)
+            return self.finish(req, "abort")
         self._check_stop(req, token)
+        if req.grammar is not None and not req.is_finished and req.grammar.terminated:
+            self.finish(req, "stop")  # the grammar took its stop token (ignore_eos, min_tokens)
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params
@@ -280,6 +296,9 @@ class Scheduler:
         of tokens, or a DraftTree whose nodes list parents before children."""
         for req in self.running:
             d = drafts.get(req, [])
+            if req.grammar is not None:  # structured: a chain, cut where the grammar stops allowing it
+                d = [] if isinstance(d, DraftTree) and not d.is_chain else req.grammar.valid_prefix(
+                    list(d.token_ids) if isinstance(d, DraftTree) else list(d))
             if isinstance(d, DraftTree) and not d.is_chain:
                 req.spec_token_ids, req.spec_tree_parents = list(d.token_ids), list(d.parents)
             else:  # a chain (a one-branch tree is verified as one)

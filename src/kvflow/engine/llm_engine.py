@@ -21,6 +21,8 @@ from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.spec_decode.speculator import Speculator, build_proposer
+from kvflow.structured.grammar import GrammarCompiler
+from kvflow.structured.matcher import RequestGrammar, wait_any
 from kvflow.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.speculator: Speculator | None = None
         self.set_speculative_config(config.speculative_config)
+        self._grammars: GrammarCompiler | None = None  # built by the first structured request
         self._ids = itertools.count()
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -102,6 +105,7 @@ class LLMEngine:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         arrival = time.time() if arrival_time is None else arrival_time
+        compiled = None if params.structured_outputs is None else self.grammars.submit(params.structured_outputs)
         children: list[Request] = []
         for i in range(params.n):
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
@@ -109,11 +113,18 @@ class LLMEngine:
             children.append(Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params, arrival,
                                     priority=priority, index=i, parent_id=request_id,
                                     leader=children[0] if children else None, eos_token_ids=self.eos_token_ids,
-                                    detokenizer=detok))
+                                    detokenizer=detok, grammar=None if compiled is None else RequestGrammar(compiled)))
         self.output_processor.add(ParentRequest(request_id, text, token_ids, children))
         for child in children:
             self.scheduler.add(child)
         return request_id
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Parses structured-output specs here and compiles them on its own threads (cached)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -167,11 +178,16 @@ class LLMEngine:
            Scheduler.set_draft_tokens.
         5. OutputProcessor: one delta RequestOutput per request that advanced or finished.
         """
+        failed = self._fail_broken_grammars()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            # max_model_len fits the pool, so a lone request always fits: no progress is a bug.
-            assert not self.scheduler.num_unfinished or sched.num_preempted, "scheduler made no progress"
-            return []
+            compiling = [r.grammar for r in self.scheduler.waiting if r.grammar is not None and not r.grammar.ready]
+            if compiling:  # only requests whose grammars are compiling: wait for one (briefly)
+                wait_any(compiling, timeout=0.05)
+            else:
+                # max_model_len fits the pool, so a lone request always fits: no progress is a bug.
+                assert not self.scheduler.num_unfinished or sched.num_preempted, "scheduler made no progress"
+            return self.output_processor.make_outputs(failed)
         started = time.perf_counter()
         result = self.runner.execute(sched)
         seconds = time.perf_counter() - started
@@ -185,7 +201,15 @@ class LLMEngine:
                 self.speculator.record_verification(req, num_drafts, num_accepted)
             self.speculator.observe_step(sched, seconds, result)
             self.scheduler.set_draft_tokens(self.speculator.propose(self.scheduler))
-        return self.output_processor.make_outputs(update.touched)
+        return self.output_processor.make_outputs(failed + update.touched)
+
+    def _fail_broken_grammars(self) -> list[Request]:
+        """Requests whose grammar parsed but failed to compile end with finish_reason "abort"."""
+        failed = [r for r in self.scheduler.waiting if r.grammar is not None and r.grammar.error is not None]
+        for req in failed:
+            logger.error("request %s: its grammar failed to compile (%s)", req.request_id, req.grammar.error)
+            self.scheduler.finish(req, "abort")
+        return failed
 
     # ---------------- hand-over to another instance ----------------
     def export_request(self, request_id: str) -> ExportedRequest:
@@ -215,6 +239,9 @@ class LLMEngine:
         for child, kv in zip(children, exported.kv):
             if child.is_finished:
                 continue
+            if child.params.structured_outputs is not None:  # the matcher replays what was generated
+                child.grammar = RequestGrammar(self.grammars.submit(child.params.structured_outputs),
+                                               replay=child.output_token_ids)
             if not self.scheduler.add_imported(child):
                 for c in taken:
                     self.scheduler.finish(c, "abort")

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "serve", "kvflow.entrypoints.openai.server", "add_cli", "OpenAI-compatible HTTP server")
 
     b = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
-    bsub = b.add_subparsers(dest="bench_command", metavar="{throughput,serve,spec,perplexity}", required=True)
+    bsub = b.add_subparsers(dest="bench_command", metavar="{throughput,serve,spec,structured,perplexity}", required=True)
     t = bsub.add_parser("throughput", help="offline throughput (vLLM's benchmark_throughput)", description=(
         "Offline throughput: all requests at once, greedy, EOS ignored, each generating exactly its "
         "output length. Prints requests/s, total and output tokens/s, the model FLOP/s achieved "
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "online serving benchmark against an OpenAI-compatible server")
     _add_optional(bsub, "spec", "kvflow.bench.spec", "add_bench_spec_parser",
                   "speculative decoding: decode speed with and without, same run")
+    _add_optional(bsub, "structured", "kvflow.bench.structured", "add_bench_structured_parser",
+                  "JSON-schema output: cost against free output, and validity")
     _add_optional(bsub, "perplexity", "kvflow.bench.perplexity", "add_bench_perplexity_parser",
                   "perplexity and top-1 agreement with float32 per dtype / KV cache dtype / quantization")
     _add_optional(sub, "sim", "kvflow.sim.cli", "add_sim_parser", "cluster simulator")

@@ -25,6 +25,7 @@ from kvflow.layers.kv_quant import LayerKVCache
 from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
 from kvflow.model.loader import load_model
 from kvflow.outputs import Logprob, TokenLogprob
+from kvflow.structured.bitmask import grammar_bitmask
 from kvflow.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ class ModelRunner:
         n = len(sampling_rows)
         out = ModelRunnerOutput(sample_logits=logits[:n] if n else None)
         if n:
-            self._collect_sampled(out, [s for _, s in sampled], sample(logits[:n], sampling_rows))
+            bitmask = grammar_bitmask([s for _, s in sampled], logits.shape[1])
+            self._collect_sampled(out, [s for _, s in sampled], sample(logits[:n], sampling_rows, bitmask))
         offset = n
         for req, count in prompt_rows:
             out.prompt_logprobs[req.request_id] = _prompt_entries(req, logits[offset:offset + count])
@@ -301,8 +303,10 @@ def _sampling_row(req: Request, drafts: list[int]) -> SamplingRow:
     history, outputs = req.all_token_ids, req.output_token_ids
     if drafts and req.params.needs_penalties:
         history, outputs = history + list(drafts), outputs + list(drafts)
+    # A grammar decides when the output may end (its bitmask allows EOS only where the grammar is
+    # complete), so min_tokens' EOS ban does not apply to structured requests.
     return SamplingRow(req.params, req.seed, position, req.eos_token_ids, history, outputs,
-                       position < req.params.min_tokens)
+                       position < req.params.min_tokens and req.grammar is None)
 
 
 def _sample_entry(so: SamplerOutput, row: int, n_top: int) -> Logprob:

@@ -2,7 +2,8 @@
 builders of OpenAI-shaped response objects.
 
 Field names follow OpenAI's API, plus vLLM's extras (top_k, min_p, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids, priority, include_stop_str_in_output, skip_special_tokens).
+ignore_eos, stop_token_ids, priority, include_stop_str_in_output, skip_special_tokens, and the
+structured-output extras guided_json, guided_regex, guided_choice, guided_grammar, structured_outputs).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from kvflow.errors import InvalidRequestError
 from kvflow.outputs import TokenLogprob
-from kvflow.sampling_params import MAX_LOGPROBS, SamplingParams
+from kvflow.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
+from kvflow.structured.tools import ToolPlan, call_text, tool_plan
 
 MAX_N = 128  # choices per prompt (OpenAI's limit)
 _ROLES_DOC = ("system", "user", "assistant", "developer", "tool")  # checked by check_messages
@@ -57,6 +59,13 @@ def _doc(default=None, **schema):
     return Field(default, json_schema_extra=schema)
 
 
+_RESPONSE_FORMAT = {"type": "object", "required": ["type"], "properties": {
+    "type": {"enum": ["text", "json_object", "json_schema"]},
+    "json_schema": {"type": "object", "required": ["schema"], "properties": {"schema": {"type": "object"}}}}}
+_STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                      "structured_outputs")
+
+
 class _SamplingRequest(_Strict):
     model: str | None = None
     n: Int | None = _doc(1, minimum=1, maximum=MAX_N)
@@ -83,6 +92,13 @@ class _SamplingRequest(_Strict):
     priority: Int | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # structured output: OpenAI's response_format, or one of vLLM's extras
+    response_format: Any = _doc(None, anyOf=[{"type": "null"}, _RESPONSE_FORMAT])
+    guided_json: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "object"}, {"type": "string"}])
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -94,6 +110,27 @@ class _SamplingRequest(_Strict):
 
     def _unsupported(self) -> None:
         pass
+
+    def structured_spec(self) -> tuple[StructuredOutputsParams, str] | None:
+        """The output's shape from whichever field sets it, and that field's name for errors."""
+        fmt = self.response_format
+        if isinstance(fmt, dict) and fmt.get("type") == "text":
+            fmt = None
+        given = [name for name in _STRUCTURED_FIELDS if (fmt if name == "response_format" else getattr(self, name)) is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise InvalidRequestError(f"send only one way to shape the output; got {', '.join(given)}")
+        name = given[0]
+        if name == "response_format":
+            return _response_format(fmt)
+        if name == "structured_outputs":
+            try:
+                return StructuredOutputsParams(**self.structured_outputs), name
+            except TypeError as e:
+                raise InvalidRequestError(f"structured_outputs: {e}") from None
+        kind = name.removeprefix("guided_")
+        return StructuredOutputsParams(**{kind: getattr(self, name)}), name
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
                         prompt_logprobs: int | None = None, vocab_size: int | None = None) -> SamplingParams:
@@ -120,9 +157,11 @@ class _SamplingRequest(_Strict):
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
                 raise InvalidRequestError(f"stop_token_ids entry {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        shape = self.structured_spec()
         kw: dict[str, Any] = dict(
             n=n, max_tokens=max_tokens, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            structured_outputs=shape and shape[0])
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
                      "skip_special_tokens"):
@@ -130,6 +169,18 @@ class _SamplingRequest(_Strict):
             if value is not None:
                 kw[name] = value
         return SamplingParams(**kw)
+
+
+def _response_format(fmt: object) -> tuple[StructuredOutputsParams, str]:
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+        raise InvalidRequestError('response_format must be {"type": "text"}, {"type": "json_object"} or '
+                                  f'{{"type": "json_schema", "json_schema": {{"name": ..., "schema": {{...}}}}}}; got {fmt!r}')
+    if fmt["type"] == "json_object":
+        return StructuredOutputsParams(json_object=True), "response_format"
+    js = fmt.get("json_schema")
+    if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+        raise InvalidRequestError("response_format.json_schema.schema must be a JSON schema object")
+    return StructuredOutputsParams(json=js["schema"]), "response_format.json_schema.schema"
 
 
 class CompletionRequest(_SamplingRequest):
@@ -177,6 +228,8 @@ class ChatMessage(_Strict):
     role: str = _doc(..., enum=sorted(_ROLES_DOC))
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -208,15 +261,34 @@ def check_messages(messages: list[ChatMessage] | None) -> list[ChatMessage] | No
     return messages
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template takes them (developer is a system message to it)."""
+def template_messages(messages: list[ChatMessage], template_takes_tools: bool = False) -> list[dict]:
+    """Messages as the chat template takes them (developer is a system message to it). Earlier tool
+    calls and results go to a template that knows tools as fields, to others as Hermes-style text."""
     out = []
     for m in messages:
         msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls and template_takes_tools:
+            msg["tool_calls"] = m.tool_calls
+        elif m.tool_calls:
+            msg["content"] = "\n".join(t for t in (msg["content"], call_text(m.tool_calls)) if t)
+        if m.tool_call_id is not None and template_takes_tools:
+            msg["tool_call_id"] = m.tool_call_id
+        elif m.role == "tool":
+            msg["content"] = f"<tool_response>\n{msg['content']}\n</tool_response>"
         out.append(msg)
     return out
+
+
+_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"enum": ["function"]},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": "string"},
+        "parameters": {"type": "object"}}}}}
+_NAMED_CHOICE = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"enum": ["function"]}, "function": {"type": "object", "required": ["name"],
+                                                 "properties": {"name": {"type": "string"}}}}}
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -226,23 +298,19 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: Int | None = _doc(None, minimum=0, maximum=MAX_LOGPROBS)
     add_generation_prompt: bool | None = True  # vLLM extra
+    tools: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "array", "items": _TOOL}])
+    tool_choice: Any = _doc(None, anyOf=[{"type": "null"}, {"enum": ["none", "auto", "required"]}, _NAMED_CHOICE])
+    parallel_tool_calls: bool | None = None
     # Not supported: a 400 says so when they are set (the document states what is accepted).
-    tools: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "array", "maxItems": 0}])
-    tool_choice: Any = _doc(None, enum=[None, "none"])
     functions: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "array", "maxItems": 0}])
     function_call: Any = _doc(None, enum=[None, "none"])
-    response_format: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text"]}}}])
     audio: Any = _doc(None, type="null")
     modalities: Any = _doc(None, anyOf=[{"type": "null"}, {"type": "array", "items": {"enum": ["text"]}, "minItems": 1, "maxItems": 1}])
 
     def _unsupported(self) -> None:
-        if self.tools or self.functions:
-            raise InvalidRequestError("tools and functions are not supported; omit them")
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise InvalidRequestError("tool_choice / function_call are not supported; omit them")
-        fmt = self.response_format
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise InvalidRequestError("response_format other than {'type': 'text'} is not supported")
+        if self.functions or self.function_call not in (None, "none"):
+            raise InvalidRequestError("functions / function_call (deprecated by OpenAI) are not supported; "
+                                      "use tools and tool_choice")
         if self.audio is not None or self.modalities not in (None, ["text"]):
             raise InvalidRequestError("only text output is supported (audio / modalities)")
 
@@ -251,8 +319,11 @@ class ChatCompletionRequest(_SamplingRequest):
     def _check_messages(cls, messages):
         return check_messages(messages)
 
-    def template_messages(self) -> list[dict]:
-        return template_messages(self.messages)
+    def template_messages(self, template_takes_tools: bool = False) -> list[dict]:
+        return template_messages(self.messages, template_takes_tools)
+
+    def tool_plan(self) -> ToolPlan | None:
+        return tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def top_n_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -421,9 +492,21 @@ class ChatLogprobs(_Out):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCall(_Out):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Out):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Out):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Out):

@@ -30,6 +30,9 @@ from kvflow.entrypoints.openai.streaming import (ChatChunks, CompletionChunks, S
 from kvflow.entrypoints.openai.tokenization import TokenizerPool
 from kvflow.errors import InvalidRequestError, QueueFullError, ShuttingDownError
 from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import SamplingParams
+from kvflow.structured.grammar import parse as parse_grammar
+from kvflow.structured.tools import ToolPlan, template_takes_tools, with_tools
 
 logger = logging.getLogger("kvflow.server")
 
@@ -49,15 +52,23 @@ def _encode(tok, text: str, add_special_tokens: bool) -> list[int]:
                           "prompt") from None
 
 
+def _check_grammar(tok, params: SamplingParams, field: str) -> None:
+    try:
+        parse_grammar(params.structured_outputs, field)
+    except InvalidRequestError as e:
+        raise bad_request(str(e), field) from None
+
+
 def _decode(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=False)
 
 
-def _apply_template(tok, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def _apply_template(tok, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
     if not getattr(tok, "chat_template", None):
         raise bad_request("this model has no chat template; use /v1/completions with a plain prompt", "messages")
     try:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                      tokenize=True)
     except Exception as e:  # noqa: BLE001 - the template judges the messages; its own message is the reason
         from jinja2 import TemplateError
         reason = f": {e}" if isinstance(e, TemplateError) else ""
@@ -143,10 +154,16 @@ class OpenAIServing:
         self.check_text_size(len(text), what, where)
         return await self.tokenizers.run(_encode, text, add_special_tokens, size=len(text))
 
-    async def chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    async def chat_ids(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
         size = sum(len(m["content"]) for m in messages)
         self.check_text_size(size, "messages")
-        return await self.tokenizers.run(_apply_template, messages, add_generation_prompt, size=size)
+        return await self.tokenizers.run(_apply_template, messages, add_generation_prompt, tools, size=size)
+
+    async def check_structured(self, params: SamplingParams, field: str | None) -> None:
+        """A bad schema, regex or grammar is a 400 naming the field, before the engine sees it
+        (parsed on a worker thread: a big schema never blocks the event loop)."""
+        if params.structured_outputs is not None:
+            await self.tokenizers.run(_check_grammar, params, field, size=len(params.structured_outputs.key()[1]))
 
     async def decode(self, ids: list[int]) -> str:
         return await self.tokenizers.run(_decode, ids, size=len(ids))
@@ -225,6 +242,8 @@ class OpenAIServing:
         params = req.sampling_params(req.max_tokens, logprobs=n_lp,
                                      prompt_logprobs=n_lp if req.echo and n_lp is not None else None,
                                      vocab_size=self.vocab_size)
+        shape = req.structured_spec()
+        await self.check_structured(params, shape and shape[1])
         echo_texts = [p.text if p.text is not None else await self.decode(p.ids) for p in prompts] if req.echo else None
         rid = P.new_id("cmpl")
         streams = await self.add_all(rid, prompts, params, req.priority or 0)
@@ -260,18 +279,34 @@ class OpenAIServing:
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
         max_tokens = req.effective_max_tokens()
-        messages = req.template_messages()
+        plan = req.tool_plan()
+        if plan is not None and plan.choice == "none":
+            plan = None  # the tools are not shown; the output is plain text
+        takes_tools = template_takes_tools(self.tokenizers.inline)
+        messages = req.template_messages(takes_tools)
+        template_tools = None
+        if plan is not None and takes_tools:
+            template_tools = [{"type": "function", "function": f} for f in plan.tools]
+        elif plan is not None:
+            messages = with_tools(messages, plan.tools)
         self.admit(1, req.n)
-        ids = await self.chat_ids(messages, req.add_generation_prompt is not False)
+        ids = await self.chat_ids(messages, req.add_generation_prompt is not False, template_tools)
         self.check_length(len(ids), max_tokens, "messages")
         n_lp = req.top_n_logprobs()
         params = req.sampling_params(max_tokens, logprobs=n_lp, vocab_size=self.vocab_size)
+        shape = req.structured_spec()
+        field = shape and shape[1]
+        if plan is not None and plan.enforced:
+            if shape is not None:
+                raise bad_request(f"tool_choice {plan.choice!r} shapes the output itself; omit {shape[1]}", "tool_choice")
+            params.structured_outputs, field = plan.structured_outputs(), "tools"
+        await self.check_structured(params, field)
         rid = P.new_id("chatcmpl")
         prompts = [Prompt(None, ids)]
         streams = await self.add_all(rid, prompts, params, req.priority or 0)
         base = self._base(rid, "chat.completion", model, P.now())
         if req.stream:
-            chunks = ChatChunks({**base, "object": "chat.completion.chunk"}, params.n, n_lp, self.decode_token)
+            chunks = ChatChunks({**base, "object": "chat.completion.chunk"}, params.n, n_lp, self.decode_token, plan)
             opts = StreamOptions(req.include_usage, req.continuous_usage)
             return SSEResponse(sse_events(chunks, streams, UsageCounter(len(ids), 1), opts), streams)
         outs = await self.collect(raw, streams)
@@ -282,8 +317,9 @@ class OpenAIServing:
             lp = None
             if n_lp is not None:
                 lp = P.chat_logprobs(comp.token_ids, comp.logprobs or [], n_lp, self.decode_token)
-            choices.append({"index": comp.index, "message": {"role": "assistant", "content": comp.text},
-                            "logprobs": lp, "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
+            message, finish = _assistant_message(comp.text, comp.finish_reason, plan)
+            choices.append({"index": comp.index, "message": message,
+                            "logprobs": lp, "finish_reason": finish, "stop_reason": comp.stop_reason})
         return JSONResponse({**base, "choices": choices, "usage": self._usage(prompts, outs)})
 
     # ---------------- other endpoints ----------------
@@ -311,6 +347,17 @@ class OpenAIServing:
 
     def close(self) -> None:
         self.tokenizers.close()
+
+
+def _assistant_message(text: str, finish: str | None, plan: ToolPlan | None) -> tuple[dict, str | None]:
+    """The message of one finished choice (tool calls parsed out when tools are in play) and its finish reason."""
+    if plan is None:
+        return {"role": "assistant", "content": text}, finish
+    content, calls = plan.parse(text)
+    if not calls:
+        return {"role": "assistant", "content": content}, finish
+    return ({"role": "assistant", "content": content, "tool_calls": [c.as_dict() for c in calls]},
+            "tool_calls" if finish == "stop" else finish)
 
 
 async def _wait_disconnect(raw: Request) -> None:

@@ -22,6 +22,7 @@ from kvflow.entrypoints.openai import protocol as P
 from kvflow.entrypoints.openai.errors import APIError, error_body, from_exception
 from kvflow.errors import KvflowError, RequestAbortedError
 from kvflow.outputs import RequestOutput
+from kvflow.structured.tools import ToolPlan, ToolStream
 
 logger = logging.getLogger("kvflow.server")
 
@@ -142,13 +143,16 @@ class CompletionChunks:
 
 
 class ChatChunks:
-    """Choices of /v1/chat/completions chunks (one prompt, n choices)."""
+    """Choices of /v1/chat/completions chunks (one prompt, n choices). With tools in play each
+    choice's text goes through a ToolStream, which turns it into content and tool_calls deltas."""
 
-    def __init__(self, base: dict, n: int, n_lp: int | None, decode: Callable[[int], str]):
+    def __init__(self, base: dict, n: int, n_lp: int | None, decode: Callable[[int], str],
+                 tools: ToolPlan | None = None):
         self.base = base
         self.n, self.n_lp = n, n_lp
         self.decode = decode
         self.done = [False] * n
+        self.tool_streams = None if tools is None else [ToolStream(tools) for _ in range(n)]
 
     def opening(self) -> list[dict]:
         return [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -165,11 +169,28 @@ class ChatChunks:
             lp = None
             if self.n_lp is not None:
                 lp = P.chat_logprobs(comp.token_ids, comp.logprobs or [], self.n_lp, self.decode)
-            chosen.append({"index": comp.index, "delta": {"content": comp.text} if comp.text else {},
+            delta = {"content": comp.text} if comp.text else {}
+            if self.tool_streams is not None:
+                delta, finish = self._tool_delta(comp.index, comp.text, finish)
+                if not delta and finish is None and lp is None:
+                    continue  # text held back until the tool calls can be parsed
+            chosen.append({"index": comp.index, "delta": delta,
                            "logprobs": lp, "finish_reason": finish,
                            "stop_reason": comp.stop_reason if finish else None})
             self.done[comp.index] = finish is not None
         return chosen
+
+    def _tool_delta(self, j: int, text: str, finish: str | None) -> tuple[dict, str | None]:
+        stream = self.tool_streams[j]
+        delta = stream.delta(text)
+        if finish is None:
+            return delta, None
+        last, has_calls = stream.finish()
+        if "content" in last:
+            delta["content"] = delta.get("content", "") + last["content"]
+        if "tool_calls" in last:
+            delta["tool_calls"] = last["tool_calls"]
+        return delta, "tool_calls" if has_calls and finish == "stop" else finish
 
     def aborted(self) -> list[dict]:
         return [{"index": j, "delta": {}, "logprobs": None, "finish_reason": "abort", "stop_reason": None}
