@@ -35,6 +35,10 @@ class Request:
     leader: Request | None = None
     eos_token_ids: tuple[int, ...] = ()
     detokenizer: IncrementalDetokenizer | None = None
+    # Reasoning budget (params.thinking_budget): the end-of-thinking text as token ids, and where the
+    # answer starts in the output (None while the request is still thinking). See core/thinking.py.
+    thinking_end_ids: tuple[int, ...] = ()
+    answer_start: int | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
