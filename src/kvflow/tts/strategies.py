@@ -69,8 +69,8 @@ class SelfConsistency:
         for s in _candidates(samples):
             s.answer = self.extractor(s.text)
         voters = [s for s in _candidates(samples) if s.answer is not None]
-        if not voters:
-            return Choice(None, votes={})
+        if not voters:  # nobody stated an answer: fall back to the most likely sample
+            return Choice(BestOfN().choose(samples).index, votes={})
         votes = Counter(s.answer for s in voters)
         answer = votes.most_common(1)[0][0]
         best = max((s for s in voters if s.answer == answer), key=lambda s: s.mean_logprob)
