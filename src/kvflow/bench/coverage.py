@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 from kvflow.tts.pass_at_k import log_linear_fit, pass_at_k
 
-STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]  # HumanEval's usual stop sequences
+STOPS = {"plain": ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"],  # HumanEval's usual ones
+         "chat": ["```", "\nif __name__", "\nprint("]}  # the end of the code block
+INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 
 
 @dataclass
@@ -37,6 +39,7 @@ class CoverageConfig:
     temperature: float = 0.8
     top_p: float = 0.95
     seed: int = 0
+    prompt_style: str = "chat"
     cost_samples: int = 100
     workers: int = 2  # candidates executed at once
     subsets: int = 20  # random k-subsets per problem for best-of-n / self-consistency
@@ -48,16 +51,29 @@ def load_problems(num: int) -> list[dict]:
     return problems[:num]
 
 
-def program(problem: dict, completion: str) -> str:
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+def prompt_ids(llm, problem: dict, style: str) -> list[int] | str:
+    """The problem as the model sees it. "chat" (for instruct models): a user turn asking for the
+    function, and the assistant's turn opened with a Python code fence: the sample is the whole
+    function, up to the closing fence. "plain" (base models): the bare prompt, continued."""
+    if style == "plain":
+        return problem["prompt"]
+    ids = llm.apply_chat_template([{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}])
+    return ids + llm.get_tokenizer().encode("```python\n", add_special_tokens=False)
 
 
-def execute_all(problems: list[dict], completions: list[list[str]], workers: int) -> list[list[bool]]:
+def program(problem: dict, completion: str, style: str = "chat") -> str:
+    """The candidate and the problem's tests. A "chat" sample redefines the whole function after
+    the prompt's stub (which keeps the prompt's imports); a "plain" one is the stub's body."""
+    code = problem["prompt"] + ("\n" + completion if style == "chat" else completion)
+    return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def execute_all(problems: list[dict], completions: list[list[str]], workers: int, style: str = "chat") -> list[list[bool]]:
     """Every candidate through the sandbox (identical ones run once)."""
     from kvflow.tts.sandbox import run_program
     jobs = {(i, text) for i, texts in enumerate(completions) for text in texts}
     with ThreadPoolExecutor(workers) as pool:
-        results = dict(zip(jobs, pool.map(lambda job: run_program(program(problems[job[0]], job[1])).passed, jobs)))
+        results = dict(zip(jobs, pool.map(lambda job: run_program(program(problems[job[0]], job[1], style)).passed, jobs)))
     return [[results[(i, text)] for text in texts] for i, texts in enumerate(completions)]
 
 
@@ -86,13 +102,13 @@ def run_coverage(llm, cfg: CoverageConfig) -> dict:
     problems = load_problems(cfg.num_problems)
     K = max(cfg.samples)
     params = SamplingParams(n=K, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                            stop=STOP, seed=cfg.seed)
+                            stop=STOPS[cfg.prompt_style], seed=cfg.seed)
     started = time.perf_counter()
-    results = generate(llm, [p["prompt"] for p in problems], params, BestOfN(), use_tqdm=True)
+    results = generate(llm, [prompt_ids(llm, p, cfg.prompt_style) for p in problems], params, BestOfN(), use_tqdm=True)
     gen_seconds = time.perf_counter() - started
     completions = [[s.text for s in r.samples] for r in results]
     started = time.perf_counter()
-    passed = execute_all(problems, completions, cfg.workers)
+    passed = execute_all(problems, completions, cfg.workers, cfg.prompt_style)
     exec_seconds = time.perf_counter() - started
 
     rng = random.Random(cfg.seed)
@@ -117,13 +133,15 @@ def run_coverage(llm, cfg: CoverageConfig) -> dict:
     }
 
 
-def measure_cost(llm, problem: dict, samples: int, max_tokens: int) -> dict:
+def measure_cost(llm, problem: dict, samples: int, max_tokens: int, style: str) -> dict:
     """Seconds for `samples` samples of one problem in one request, against one sample (mean of
     three cold runs) times `samples`. Same length for all: EOS ignored, no stop strings."""
     from kvflow.sampling_params import SamplingParams
 
     def timed(tag: str, n: int) -> float:
-        prompt = f"# run {tag}\n" + problem["prompt"]  # a fresh first block: nothing from the prefix cache
+        # a fresh first block: nothing from the prefix cache
+        prompt = llm.get_tokenizer().encode(f"# run {tag}\n", add_special_tokens=False) + list(
+            llm.get_tokenizer().encode(problem["prompt"]) if style == "plain" else prompt_ids(llm, problem, style))
         t = time.perf_counter()
         llm.generate(prompt, SamplingParams(n=n, temperature=0.8, max_tokens=max_tokens, ignore_eos=True, seed=1))
         return time.perf_counter() - t
@@ -169,6 +187,8 @@ def add_bench_coverage_parser(subparsers) -> None:
     p.add_argument("--num-problems", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--prompt-style", choices=["chat", "plain"], default="chat",
+                   help="chat: the instruct model's template with the function opened in its answer (default)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--cost-samples", type=int, default=100, help="n for the cost-ratio measurement (0 skips it)")
     p.add_argument("--workers", type=int, default=2, help="candidates executed at once (default 2)")
@@ -189,12 +209,13 @@ def cmd_bench_coverage(args: argparse.Namespace) -> int:
     if args.max_num_seqs is None:
         args.max_num_seqs = max(128, max(samples), args.cost_samples)
     cfg = CoverageConfig(samples, args.num_problems, args.max_tokens, args.temperature, args.top_p, args.seed,
-                         args.cost_samples, args.workers)
+                         args.cost_samples, args.workers, prompt_style=args.prompt_style)
     llm = _make_llm(args)
     result = run_coverage(llm, cfg)
     result["model"] = args.model
     if cfg.cost_samples:
-        result["cost"] = measure_cost(llm, load_problems(1)[0], cfg.cost_samples, min(cfg.max_tokens, 64))
+        result["cost"] = measure_cost(llm, load_problems(1)[0], cfg.cost_samples, min(cfg.max_tokens, 64),
+                                      cfg.prompt_style)
     print(f"HumanEval, {result['num_problems']} problems x {result['samples_per_problem']} samples, {args.model}")
     print(f"{'k':>5} {'coverage':>9} {'best-of-k':>10} {'self-cons':>10}")
     for r in result["rows"]:
