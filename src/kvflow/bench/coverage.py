@@ -208,8 +208,9 @@ def cmd_bench_coverage(args: argparse.Namespace) -> int:
         raise SystemExit("--samples values must be >= 1")
     if args.max_num_seqs is None:
         args.max_num_seqs = max(128, max(samples), args.cost_samples)
-    cfg = CoverageConfig(samples, args.num_problems, args.max_tokens, args.temperature, args.top_p, args.seed,
-                         args.cost_samples, args.workers, prompt_style=args.prompt_style)
+    cfg = CoverageConfig(samples=samples, num_problems=args.num_problems, max_tokens=args.max_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, prompt_style=args.prompt_style,
+                         cost_samples=args.cost_samples, workers=args.workers)
     llm = _make_llm(args)
     result = run_coverage(llm, cfg)
     result["model"] = args.model
