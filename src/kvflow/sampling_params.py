@@ -76,6 +76,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    # Reasoning budget (Elastic Reasoning): the output opens in a thinking span that ends at
+    # `thinking_end`; after `thinking_budget` thinking tokens the engine appends `thinking_end`
+    # itself, and `max_tokens` then counts the answer only (tokens after the end of thinking).
+    thinking_budget: int | None = None
+    thinking_end: str = "</think>"
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -121,6 +126,10 @@ class SamplingParams:
         need(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
         need(self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        need(self.thinking_budget is None or (_is_int(self.thinking_budget) and self.thinking_budget >= 0),
+             f"thinking_budget must be an integer >= 0, got {self.thinking_budget!r}")
+        need(isinstance(self.thinking_end, str) and self.thinking_end != "",
+             f"thinking_end must be a non-empty string, got {self.thinking_end!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             need(v is None or (_is_int(v) and 0 <= v <= MAX_LOGPROBS), f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")

@@ -38,6 +38,10 @@ class Request:
     # Structured output: where this sample stands in its grammar (kvflow.structured.matcher
     # RequestGrammar; duck-typed here so the core stays free of xgrammar and torch).
     grammar: object | None = None
+    # Reasoning budget (params.thinking_budget): the end-of-thinking text as token ids, and where the
+    # answer starts in the output (None while the request is still thinking). See core/thinking.py.
+    thinking_end_ids: tuple[int, ...] = ()
+    answer_start: int | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

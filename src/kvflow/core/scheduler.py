@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 from kvflow.config import SchedulerConfig
+from kvflow.core import thinking
 from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.spec_tree import DraftTree, accept_path, path_kv_moves
-from kvflow.outputs import Logprob
+from kvflow.outputs import Logprob, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
+        if thinking.end_is_due(request):  # a thinking budget of 0: the answer starts at once
+            self._force_end_of_thinking(request)
         self.waiting.append(request)
         self._sort_waiting()
 
@@ -232,8 +235,7 @@ class Scheduler:
         if drafts:
             update.verified.append((req, len(drafts), accepted))
         for j, token in enumerate(sampled.token_ids[:accepted + 1]):
-            self._append(req, token, sampled, j, now)
-            if req.is_finished:
+            if self._append(req, token, sampled, j, now):
                 return j + 1
         return accepted + 1
 
@@ -251,15 +253,16 @@ class Scheduler:
         root = s.start + s.num_new_tokens - len(drafts) - 1  # the root token's position
         rows = [0] + [node + 1 for node in path]
         for j, row in enumerate(rows):
-            self._append(req, sampled.token_ids[row], sampled, row, now)
-            if req.is_finished:
+            if self._append(req, sampled.token_ids[row], sampled, row, now):
                 return j + 1
         bs = self.pool.block_size
         slot = lambda pos: req.block_ids[pos // bs] * bs + pos % bs  # noqa: E731
         update.kv_moves.extend((slot(a), slot(b)) for a, b in path_kv_moves(root, path))
         return len(rows)
 
-    def _append(self, req: Request, token: int, sampled: SampledTokens, row: int, now: float) -> None:
+    def _append(self, req: Request, token: int, sampled: SampledTokens, row: int, now: float) -> bool:
+        """Append one sampled token. True when the request takes no more of this step's tokens: it
+        finished, or its thinking budget ran out and the end of thinking was appended after it."""
         req.append_token(token)
         req.cumulative_logprob += sampled.logprobs[row]
         if req.logprobs is not None:
@@ -270,10 +273,31 @@ class Scheduler:
         if req.grammar is not None and not req.grammar.accept(token):
             # The bitmask allowed only grammar tokens, so this is a bug; it fails this request alone.
             logger.error("request %s: token %d is outside its grammar; aborting it", req.request_id, token)
-            return self.finish(req, "abort")
+            self.finish(req, "abort")
+            return True
+        thinking.note_natural_end(req)
         self._check_stop(req, token)
         if req.grammar is not None and not req.is_finished and req.grammar.terminated:
             self.finish(req, "stop")  # the grammar took its stop token (ignore_eos, min_tokens)
+        if not req.is_finished and thinking.end_is_due(req):
+            self._force_end_of_thinking(req)
+            return True
+        return req.is_finished
+
+    def _force_end_of_thinking(self, req: Request) -> None:
+        """Append the end-of-thinking tokens as if sampled (logprob 0: the engine chose them). The
+        next step computes their KV as one chunk before sampling the answer's first token."""
+        # KV past the last appended token came from accepted drafts that assumed no forced text.
+        req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens)
+        req.spec_token_ids, req.spec_tree_parents = [], None
+        for token in req.thinking_end_ids:
+            req.append_token(token)
+            if req.logprobs is not None:
+                req.logprobs.append({token: TokenLogprob(0.0, 1)})
+            self._check_stop(req, token)
+            if req.is_finished:
+                return
+        req.answer_start = req.num_output_tokens
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params
@@ -285,7 +309,7 @@ class Scheduler:
                 return self.finish(req, "stop", None)
             if stop_str is not None:
                 return self.finish(req, "stop", stop_str)
-        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
+        if p.max_tokens is not None and thinking.answer_tokens(req) >= p.max_tokens:
             return self.finish(req, "length")
         if req.num_tokens >= self.config.max_model_len:
             return self.finish(req, "length")

@@ -106,11 +106,18 @@ class AbortRequest:
 
 
 @dataclass(frozen=True)
+class AbortSample:
+    """Abort one of a request's n samples (test-time compute prunes them); the others go on."""
+    request_id: str
+    index: int
+
+
+@dataclass(frozen=True)
 class Stop:
     """Abort everything and end the engine thread."""
 
 
-Command = AddRequest | AbortRequest | Stop
+Command = AddRequest | AbortRequest | AbortSample | Stop
 
 
 @dataclass
@@ -348,6 +355,10 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         self._commands.put(AbortRequest(request_id))
 
+    def abort_sample(self, request_id: str, index: int) -> None:
+        """Abort one sample of a request; its final delta (finish_reason "abort") follows."""
+        self._commands.put(AbortSample(request_id, index))
+
     # ---------------- the engine thread ----------------
     def _run(self) -> None:
         eng = self.engine
@@ -381,6 +392,8 @@ class AsyncEngine:
                 return False
             if isinstance(cmd, AddRequest):
                 self._apply_add(cmd)
+            elif isinstance(cmd, AbortSample):
+                self.engine.abort_sample(cmd.request_id, cmd.index)
             elif self.engine.abort(cmd.request_id):
                 self._forget(cmd.request_id, "abort")
         return True

@@ -66,6 +66,7 @@ class LLMEngine:
         self.set_speculative_config(config.speculative_config)
         self._grammars: GrammarCompiler | None = None  # built by the first structured request
         self._ids = itertools.count()
+        self._aborted_samples: list[Request] = []  # finished outside a step: reported by the next one
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
 
@@ -106,6 +107,8 @@ class LLMEngine:
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         arrival = time.time() if arrival_time is None else arrival_time
         compiled = None if params.structured_outputs is None else self.grammars.submit(params.structured_outputs)
+        end_ids = () if params.thinking_budget is None else tuple(
+            self.tokenizer.encode(params.thinking_end, add_special_tokens=False))
         children: list[Request] = []
         for i in range(params.n):
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
@@ -113,7 +116,8 @@ class LLMEngine:
             children.append(Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params, arrival,
                                     priority=priority, index=i, parent_id=request_id,
                                     leader=children[0] if children else None, eos_token_ids=self.eos_token_ids,
-                                    detokenizer=detok, grammar=None if compiled is None else RequestGrammar(compiled)))
+                                    detokenizer=detok, grammar=None if compiled is None else RequestGrammar(compiled),
+                                    thinking_end_ids=end_ids))
         self.output_processor.add(ParentRequest(request_id, text, token_ids, children))
         for child in children:
             self.scheduler.add(child)
@@ -158,6 +162,18 @@ class LLMEngine:
                 self.scheduler.finish(child, "abort")
         return True
 
+    def abort_sample(self, request_id: str, index: int) -> bool:
+        """Stop one of a request's n samples now and free its own blocks (the prompt blocks it shares
+        with its siblings stay theirs); the others go on. Test-time compute prunes samples this way.
+        Its final output (finish_reason "abort") comes with the next step. False if already done."""
+        parent = self.parents.get(request_id)
+        if parent is None or not 0 <= index < len(parent.children) or parent.children[index].is_finished:
+            return False
+        child = parent.children[index]
+        self.scheduler.finish(child, "abort")
+        self._aborted_samples.append(child)
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
 
@@ -180,6 +196,7 @@ class LLMEngine:
         """
         failed = self._fail_broken_grammars()
         sched = self.scheduler.schedule()
+        aborted, self._aborted_samples = self._aborted_samples, []
         if not sched.scheduled:
             compiling = [r.grammar for r in self.scheduler.waiting if r.grammar is not None and not r.grammar.ready]
             if compiling:  # only requests whose grammars are compiling: wait for one (briefly)
@@ -187,7 +204,7 @@ class LLMEngine:
             else:
                 # max_model_len fits the pool, so a lone request always fits: no progress is a bug.
                 assert not self.scheduler.num_unfinished or sched.num_preempted, "scheduler made no progress"
-            return self.output_processor.make_outputs(failed)
+            return self.output_processor.make_outputs(failed + aborted)
         started = time.perf_counter()
         result = self.runner.execute(sched)
         seconds = time.perf_counter() - started
@@ -201,7 +218,7 @@ class LLMEngine:
                 self.speculator.record_verification(req, num_drafts, num_accepted)
             self.speculator.observe_step(sched, seconds, result)
             self.scheduler.set_draft_tokens(self.speculator.propose(self.scheduler))
-        return self.output_processor.make_outputs(failed + update.touched)
+        return self.output_processor.make_outputs(failed + aborted + update.touched)
 
     def _fail_broken_grammars(self) -> list[Request]:
         """Requests whose grammar parsed but failed to compile end with finish_reason "abort"."""

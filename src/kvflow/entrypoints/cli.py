@@ -2,10 +2,12 @@
 
     kvflow generate [options] PROMPT...      complete prompts (or stdin, one per line)
     kvflow chat [options]                    interactive chat, streamed
+    kvflow tts [options] PROMPT...           test-time compute: n samples, one answer (kvflow.tts)
     kvflow bench throughput [options]        offline throughput, kvflow or transformers
     kvflow bench spec [options]              speculative decoding speed-ups (kvflow.bench.spec)
     kvflow bench perplexity [options]        perplexity per precision (kvflow.bench.perplexity)
     kvflow sim run|calibrate|sweep [options] cluster simulator (kvflow.sim)
+    kvflow bench coverage [options]          repeated sampling on HumanEval (kvflow.bench.coverage)
 
 Model and engine options follow vLLM's names (--max-num-seqs, --max-num-batched-tokens,
 --block-size, --num-gpu-blocks, --enable-prefix-caching, --max-model-len ...); options left out keep
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvflow", description="kvflow: LLM inference with continuous batching and a paged KV cache")
     parser.add_argument("--version", action="version", version=f"kvflow {_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,serve,bench,sim}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,serve,tts,bench,sim}", required=True)
 
     g = sub.add_parser("generate", help="complete prompts", description=(
         "Complete each prompt. Prompts come from the arguments, else standard input (one per line); "
@@ -261,9 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     _add_optional(sub, "serve", "kvflow.entrypoints.openai.server", "add_cli", "OpenAI-compatible HTTP server")
+    _add_optional(sub, "tts", "kvflow.tts.cli", "add_tts_parser", "test-time compute: n samples, one answer")
 
     b = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
-    bsub = b.add_subparsers(dest="bench_command", metavar="{throughput,serve,spec,structured,perplexity}", required=True)
+    bsub = b.add_subparsers(dest="bench_command", metavar="{throughput,serve,spec,structured,perplexity,coverage}",
+                            required=True)
     t = bsub.add_parser("throughput", help="offline throughput (vLLM's benchmark_throughput)", description=(
         "Offline throughput: all requests at once, greedy, EOS ignored, each generating exactly its "
         "output length. Prints requests/s, total and output tokens/s, the model FLOP/s achieved "
@@ -290,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "speculative decoding: decode speed with and without, same run")
     _add_optional(bsub, "structured", "kvflow.bench.structured", "add_bench_structured_parser",
                   "JSON-schema output: cost against free output, and validity")
+    _add_optional(bsub, "coverage", "kvflow.bench.coverage", "add_bench_coverage_parser",
+                  "repeated sampling on HumanEval: coverage (pass@k) against k, voting, cost")
     _add_optional(bsub, "perplexity", "kvflow.bench.perplexity", "add_bench_perplexity_parser",
                   "perplexity and top-1 agreement with float32 per dtype / KV cache dtype / quantization")
     _add_optional(sub, "sim", "kvflow.sim.cli", "add_sim_parser", "cluster simulator")

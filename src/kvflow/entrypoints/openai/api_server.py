@@ -2,7 +2,7 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model},
 POST /tokenize, POST /detokenize, GET /version, GET /openapi.json, and, open without a key,
-GET /health and GET /metrics (Prometheus).
+GET /health, GET /metrics (Prometheus) and the web page (GET /, web_ui.py).
 
 Middleware, outermost first: RequestGuard (counts requests in progress for the shutdown drain;
 answers any unexpected exception with one 500 and one log entry) and, when a key is set,
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from kvflow import __version__
 from kvflow.engine.async_engine import AsyncEngine
 from kvflow.entrypoints.openai import protocol as P
+from kvflow.entrypoints.openai import web_ui
 from kvflow.entrypoints.openai.errors import (APIError, bad_request, error_body, error_response, from_exception,
                                               install_error_handlers, validation_message)
 from kvflow.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -36,7 +37,7 @@ from kvflow.errors import EngineDeadError, RequestAbortedError, ShuttingDownErro
 
 logger = logging.getLogger("kvflow.server")
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # everything else needs the key when one is set
+OPEN_PATHS = frozenset({"/health", "/metrics"}) | web_ui.PATHS  # everything else needs the key when one is set
 
 
 @dataclass
@@ -330,6 +331,7 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str], api_key:
     app.add_middleware(RequestGuard, state=http)  # added last: outermost
     _install_openapi(app, bool(api_key), server.vocab_size)
     _add_routes(app, server, async_engine, metrics, limits)
+    web_ui.add_web_ui_routes(app)
     return app
 
 

@@ -66,6 +66,20 @@ _STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_
                       "structured_outputs")
 
 
+class PruneOptions(_Strict):
+    margin: float = _doc(1.0, minimum=0)
+    min_tokens: Int = _doc(16, minimum=1)
+
+
+class TTSOptions(_Strict):
+    """kvflow extra `tts`: sample n answers (sharing the prompt's KV) and return the one a strategy
+    picks; the response's `tts` field lists every sample (see kvflow.tts)."""
+    strategy: str = _doc(..., enum=["self_consistency", "best_of_n"])
+    n: Int = _doc(8, minimum=1, maximum=MAX_N)
+    extractor: str = _doc("default", enum=["default", "boxed", "last_number"])
+    prune: PruneOptions | None = None
+
+
 class _SamplingRequest(_Strict):
     model: str | None = None
     n: Int | None = _doc(1, minimum=1, maximum=MAX_N)
@@ -99,6 +113,15 @@ class _SamplingRequest(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    # kvflow extras: a reasoning budget, and test-time compute
+    thinking_budget: Int | None = _doc(None, minimum=0)
+    thinking_end: str | None = _doc(None, minLength=1)
+    tts: TTSOptions | None = None
+
+    @property
+    def num_samples(self) -> int | None:
+        """Sequences per prompt: tts.n under test-time compute, else n."""
+        return self.tts.n if self.tts is not None else self.n
 
     @property
     def include_usage(self) -> bool:
@@ -136,7 +159,11 @@ class _SamplingRequest(_Strict):
                         prompt_logprobs: int | None = None, vocab_size: int | None = None) -> SamplingParams:
         """SamplingParams for this request; InvalidRequestError names the field at fault."""
         self._unsupported()
-        n = 1 if self.n is None else self.n
+        if self.tts is not None and self.n not in (None, 1):
+            raise InvalidRequestError("set tts.n, not n, for the number of samples under tts")
+        if self.tts is not None and self.stream:
+            raise InvalidRequestError("tts requests do not stream (the answer is chosen once all samples end)")
+        n = self.num_samples or 1
         if not 1 <= n <= MAX_N:
             raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {n}")
         if self.seed is not None and not _INT64[0] <= self.seed <= _INT64[1]:
@@ -164,7 +191,7 @@ class _SamplingRequest(_Strict):
             structured_outputs=shape and shape[0])
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
-                     "skip_special_tokens"):
+                     "skip_special_tokens", "thinking_budget", "thinking_end"):
             value = getattr(self, name)
             if value is not None:
                 kw[name] = value

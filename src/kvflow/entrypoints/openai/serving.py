@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from kvflow import __version__
 from kvflow.engine.async_engine import AsyncEngine, RequestStream
 from kvflow.entrypoints.openai import protocol as P
+from kvflow.entrypoints.openai import serving_tts
 from kvflow.entrypoints.openai.errors import bad_request, model_not_found
 from kvflow.entrypoints.openai.metrics import ServerMetrics
 from kvflow.entrypoints.openai.streaming import (ChatChunks, CompletionChunks, SSEResponse, StreamOptions,
@@ -193,9 +194,10 @@ class OpenAIServing:
             raise
         return streams
 
-    async def collect(self, raw: Request, streams: list[RequestStream]) -> list[RequestOutput] | None:
-        """Run the streams to the end, merging each one's deltas into one output; None if the
-        client went away first (the requests are aborted)."""
+    async def collect(self, raw: Request, streams: list[RequestStream], consume=None) -> list | None:
+        """Run the streams to the end, merging each one's deltas into one output (or through
+        `consume()`, a coroutine of its own); None if the client went away first (the requests
+        are aborted)."""
         async def run() -> list[RequestOutput]:
             finals = []
             for s in streams:
@@ -208,7 +210,7 @@ class OpenAIServing:
                 finals.append(acc)
             return finals
 
-        task = asyncio.ensure_future(run())
+        task = asyncio.ensure_future(consume() if consume is not None else run())
         watcher = asyncio.ensure_future(_wait_disconnect(raw))
         try:
             done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -234,7 +236,7 @@ class OpenAIServing:
     async def completions(self, req: P.CompletionRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
         raw_prompts = req.prompts()
-        self.admit(len(raw_prompts), req.n)
+        self.admit(len(raw_prompts), req.num_samples)
         many = len(raw_prompts) > 1
         prompts = [await self._completion_prompt(p, req.max_tokens, f" (prompt {i})" if many else "")
                    for i, p in enumerate(raw_prompts)]
@@ -245,9 +247,12 @@ class OpenAIServing:
         shape = req.structured_spec()
         await self.check_structured(params, shape and shape[1])
         echo_texts = [p.text if p.text is not None else await self.decode(p.ids) for p in prompts] if req.echo else None
+        tts = None if req.tts is None else serving_tts.TTSPlan.parse(req.tts)
         rid = P.new_id("cmpl")
         streams = await self.add_all(rid, prompts, params, req.priority or 0)
         base = self._base(rid, "text_completion", model, P.now())
+        if tts is not None:
+            return await self._tts_response(raw, tts, streams, prompts, base, chat=False)
         if req.stream:
             chunks = CompletionChunks(base, len(prompts), params.n, n_lp, echo_texts, [p.ids for p in prompts],
                                       self.decode_token)
@@ -289,7 +294,7 @@ class OpenAIServing:
             template_tools = [{"type": "function", "function": f} for f in plan.tools]
         elif plan is not None:
             messages = with_tools(messages, plan.tools)
-        self.admit(1, req.n)
+        self.admit(1, req.num_samples)
         ids = await self.chat_ids(messages, req.add_generation_prompt is not False, template_tools)
         self.check_length(len(ids), max_tokens, "messages")
         n_lp = req.top_n_logprobs()
@@ -301,10 +306,13 @@ class OpenAIServing:
                 raise bad_request(f"tool_choice {plan.choice!r} shapes the output itself; omit {shape[1]}", "tool_choice")
             params.structured_outputs, field = plan.structured_outputs(), "tools"
         await self.check_structured(params, field)
+        tts = None if req.tts is None else serving_tts.TTSPlan.parse(req.tts)
         rid = P.new_id("chatcmpl")
         prompts = [Prompt(None, ids)]
         streams = await self.add_all(rid, prompts, params, req.priority or 0)
         base = self._base(rid, "chat.completion", model, P.now())
+        if tts is not None:
+            return await self._tts_response(raw, tts, streams, prompts, base, chat=True)
         if req.stream:
             chunks = ChatChunks({**base, "object": "chat.completion.chunk"}, params.n, n_lp, self.decode_token, plan)
             opts = StreamOptions(req.include_usage, req.continuous_usage)
@@ -321,6 +329,22 @@ class OpenAIServing:
             choices.append({"index": comp.index, "message": message,
                             "logprobs": lp, "finish_reason": finish, "stop_reason": comp.stop_reason})
         return JSONResponse({**base, "choices": choices, "usage": self._usage(prompts, outs)})
+
+    async def _tts_response(self, raw: Request, plan: serving_tts.TTSPlan, streams: list[RequestStream],
+                            prompts: list[Prompt], base: dict, chat: bool) -> Response:
+        """The chosen sample of each prompt as its choice, every sample in the `tts` field."""
+        searches = plan.searches(streams)
+        results = await self.collect(raw, streams, lambda: serving_tts.run_searches(self.async_engine, streams, searches))
+        if results is None:
+            return Response(status_code=499)
+        choices = []
+        for i, result in enumerate(results):
+            text, reason = serving_tts.chosen(result)
+            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            choices.append({"index": i, **body, "logprobs": None, "finish_reason": reason})
+        usage = P.usage(sum(len(p.ids) for p in prompts), sum(r.num_generated_tokens for r in results))
+        tts = results[0].to_dict() if chat else [r.to_dict() for r in results]
+        return JSONResponse({**base, "choices": choices, "usage": usage, "tts": tts})
 
     # ---------------- other endpoints ----------------
     def models(self) -> dict:
