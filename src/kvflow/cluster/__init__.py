@@ -1,0 +1,1 @@
+"""Serving on many instances: dispatch, live migration, prefill/decode split, autoscaling."""
