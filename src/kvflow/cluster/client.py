@@ -105,17 +105,17 @@ class ClusterClient:
         self.engine_config = engine_config
         self.max_queue_len = max_queue_len
         self.observer = observer
-        self.pd = cluster.prefill_instances > 0
         self.options = _engine_options(engine_config)
         threads = cluster.threads_per_instance
         n_start = self._initial_instances()
-        self.ray = init_ray(cluster.ray_address, max(1, n_start) * threads)
+        most = max(n_start, cluster.max_instances or 0, cluster.instances or 0)
+        self.ray = init_ray(cluster.ray_address, most * threads)
         self._actor_class = self.ray.remote(EngineInstance)
         self.tokenizer, self.eos_token_ids = load_tokenizer(engine_config.model)
+        pd = cluster.prefill_instances > 0
         self.instances: dict[str, InstanceHandle] = {}
         self.routes: dict[str, Route] = {}
         self.dispatch_policy = P.make_dispatch_policy(cluster.dispatch_policy, engine_config.cache.block_size)
-        self.decode_policy = P.LeastLoad()
         self.migration_policy = P.MigrationPolicy()
         self.autoscale_policy = self._make_autoscaler()
         self.migrations: list[MigrationReport] = []
@@ -131,21 +131,33 @@ class ClusterClient:
         self._draining = False
         self._dead: BaseException | None = None
         self._started_at: dict[str, float] = {}
-        roles = (["prefill"] * cluster.prefill_instances + ["decode"] * cluster.decode_instances if self.pd
+        roles = (["prefill"] * cluster.prefill_instances + ["decode"] * cluster.decode_instances if pd
                  else ["mixed"] * n_start)
         self._start_blocking(roles)
         self.engine = self._front_end_view()
 
+    @property
+    def pd(self) -> bool:
+        """Prefill/decode split: some instances run prompts only."""
+        return any(h.role == "prefill" for h in self.instances.values())
+
+    def set_role(self, instance_id: str, role: str) -> None:
+        """Move an instance between pools ("mixed", "prefill", "decode"), as Splitwise does when the
+        mix of prompts and decodes changes; applies to requests dispatched from now on."""
+        if role not in ("mixed", "prefill", "decode"):
+            raise ValueError(f"role must be mixed, prefill or decode, got {role!r}")
+        self.instances[instance_id].role = role
+
     def _initial_instances(self) -> int:
         c = self.cluster
-        if self.pd:
+        if c.prefill_instances:
             return c.prefill_instances + c.decode_instances
         n = c.instances if c.instances is not None else max(1, c.min_instances or 0)
         return max(1, n)  # at least one, to learn the model's shape (scale-to-zero removes it when idle)
 
     def _make_autoscaler(self) -> P.AutoscalePolicy | None:
         c = self.cluster
-        if c.min_instances is None or self.pd:
+        if c.min_instances is None or c.prefill_instances:
             return None
         most = c.max_instances or max(c.instances or 1, c.min_instances, 1)
         return P.AutoscalePolicy(min_instances=c.min_instances, max_instances=most, idle_timeout_s=c.idle_timeout)
@@ -162,7 +174,8 @@ class ClusterClient:
         engine_s = info["load_seconds"]
         self.cold_starts.append(ColdStart(iid, max(0.0, total - engine_s), engine_s, total))
         load = P.InstanceLoad(iid, 0, 0, info["num_blocks"], info["num_blocks"], 0)
-        handle = InstanceHandle(iid, actor, role, info, load)
+        handle = InstanceHandle(iid, actor, role, info, load, EngineStats(num_blocks=info["num_blocks"],
+                                                                          num_free_blocks=info["num_blocks"]))
         self.instances[iid] = handle
         self._started_at[iid] = time.time()
         logger.info("instance %s (%s) ready in %.2f s: process %.2f s, engine and weights %.2f s",

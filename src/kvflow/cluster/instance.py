@@ -218,14 +218,15 @@ class EngineInstance:
         if ae.draining:
             raise InstanceDrainingError(f"instance {self.instance_id} is draining")
         ae.track(request_id, params.n, 0)
-        if prefill_only:
-            ae.handoff_ids.add(request_id)
+
+        def add(eng: LLMEngine) -> None:
+            eng.add_request(request_id, prompt, params, arrival_time=arrival, priority=priority)
+            if prefill_only:  # on the engine thread, so the step after this sees both or neither
+                ae.handoff_ids.add(request_id)
         try:
-            await ae.call(lambda eng: eng.add_request(request_id, prompt, params, arrival_time=arrival,
-                                                      priority=priority))
+            await ae.call(add)
         except BaseException:
             ae.untrack(request_id)
-            ae.handoff_ids.discard(request_id)
             raise
 
     async def import_request(self, exported: ExportedRequest, seq: int) -> None:
