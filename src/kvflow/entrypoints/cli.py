@@ -5,6 +5,7 @@
     kvflow bench throughput [options]        offline throughput, kvflow or transformers
     kvflow bench spec [options]              speculative decoding speed-ups (kvflow.bench.spec)
     kvflow bench perplexity [options]        perplexity per precision (kvflow.bench.perplexity)
+    kvflow sim run|calibrate|sweep [options] cluster simulator (kvflow.sim)
 
 Model and engine options follow vLLM's names (--max-num-seqs, --max-num-batched-tokens,
 --block-size, --num-gpu-blocks, --enable-prefix-caching, --max-model-len ...); options left out keep
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvflow", description="kvflow: LLM inference with continuous batching and a paged KV cache")
     parser.add_argument("--version", action="version", version=f"kvflow {_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,serve,bench}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,serve,bench,sim}", required=True)
 
     g = sub.add_parser("generate", help="complete prompts", description=(
         "Complete each prompt. Prompts come from the arguments, else standard input (one per line); "
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "speculative decoding: decode speed with and without, same run")
     _add_optional(bsub, "perplexity", "kvflow.bench.perplexity", "add_bench_perplexity_parser",
                   "perplexity and top-1 agreement with float32 per dtype / KV cache dtype / quantization")
+    _add_optional(sub, "sim", "kvflow.sim.cli", "add_sim_parser", "cluster simulator")
     return parser
 
 
@@ -326,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from kvflow.errors import KvflowError
     prog = "kvflow " + args.command + (f" {args.bench_command}" if args.command == "bench" else "")
+    prog += f" {args.sim_command}" if args.command == "sim" else ""
     try:
         return args.func(args)
     except (KvflowError, _Fail) as e:
