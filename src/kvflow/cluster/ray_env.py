@@ -27,6 +27,24 @@ def import_ray():
     return ray
 
 
+def preload_worker() -> None:
+    """Ray runs this in each worker process as it starts (worker_process_setup_hook): the imports
+    an instance needs (torch, the engine, transformers' tokenizers) happen before any instance is
+    asked for, not during a cold start."""
+    try:
+        import transformers  # noqa: F401
+        from transformers import AutoTokenizer  # noqa: F401
+
+        import kvflow.cluster.instance  # noqa: F401 - torch and the engine with it
+        import kvflow.cluster.weight_cache  # noqa: F401
+        import kvflow.model.loader  # noqa: F401
+    except Exception:  # noqa: BLE001 - a failed preload only costs the time it would have saved
+        logger.exception("worker preload failed")
+
+
+RUNTIME_ENV = {"worker_process_setup_hook": "kvflow.cluster.ray_env.preload_worker"}
+
+
 def init_ray(address: str | None, num_cpus: int):
     """ray.init once per process; returns the ray module."""
     ray = import_ray()
@@ -34,12 +52,12 @@ def init_ray(address: str | None, num_cpus: int):
         return ray
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=RUNTIME_ENV)
         else:
             # Enough logical CPUs for every instance even on a 2-core machine (instances of one
             # thread each share the cores; Ray's count is bookkeeping, not pinning).
             ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=False)
+                     logging_level=logging.WARNING, log_to_driver=False, runtime_env=RUNTIME_ENV)
     except ConnectionError as e:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({e}); start it with `ray start --head` "
                            "or leave --ray-address out to run Ray locally") from None
