@@ -131,6 +131,7 @@ class ClusterClient:
         self._draining = False
         self._dead: BaseException | None = None
         self._started_at: dict[str, float] = {}
+        self._standby: tuple[str, object] | None = None
         roles = (["prefill"] * cluster.prefill_instances + ["decode"] * cluster.decode_instances if pd
                  else ["mixed"] * n_start)
         self._start_blocking(roles)
@@ -163,11 +164,22 @@ class ClusterClient:
         return P.AutoscalePolicy(min_instances=c.min_instances, max_instances=most, idle_timeout_s=c.idle_timeout)
 
     # ---------------- instances ----------------
-    def _create(self, role: str):
+    def _create(self, role: str, standby: bool = False):
         iid = f"{role[0] if role != 'mixed' else 'i'}{next(self._instance_ids)}"
-        actor = self._actor_class.options(num_cpus=self.cluster.threads_per_instance, name=None).remote(
-            iid, self.options, self.cluster.threads_per_instance, self.cluster.weight_cache)
+        # A standby process idles until it is needed: it asks Ray for no CPU, so it never waits for one.
+        cpus = 0 if standby else self.cluster.threads_per_instance
+        actor = self._actor_class.options(num_cpus=cpus, name=None).remote(
+            iid, self.options, self.cluster.threads_per_instance, self.cluster.weight_cache, standby)
         return iid, actor, time.perf_counter()
+
+    async def _keep_standby(self) -> None:
+        """Autoscaling: one process started ahead (Ray worker and imports, no engine, no KV), so a
+        cold start only builds the engine."""
+        if self._standby is not None:
+            return
+        iid, actor, _ = self._create("mixed", standby=True)
+        await actor.ping.remote()
+        self._standby = (iid, actor)
 
     def _register(self, iid: str, actor, role: str, info: dict, t0: float) -> InstanceHandle:
         total = time.perf_counter() - t0
@@ -205,10 +217,16 @@ class ClusterClient:
         """Start one more instance (in the background of the event loop); returns it once ready."""
         self._num_starting += 1
         try:
-            iid, actor, t0 = self._create(role)
+            if self._standby is not None and role == "mixed":
+                (iid, actor), self._standby = self._standby, None
+                t0 = time.perf_counter()
+            else:
+                iid, actor, t0 = self._create(role)
             info = await actor.start.remote()
         finally:
             self._num_starting -= 1
+        if self.autoscale_policy is not None:
+            self._spawn(self._keep_standby())
         handle = self._register(iid, actor, role, info, t0)
         self._watch(handle)
         self._notify()
@@ -265,6 +283,7 @@ class ClusterClient:
         self._spawn(self._migration_loop())
         if self.autoscale_policy is not None:
             self._spawn(self._autoscale_loop())
+            self._spawn(self._keep_standby())
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -326,6 +345,9 @@ class ClusterClient:
         self.routes.clear()
         await asyncio.gather(*(self._stop_instance(h) for h in list(self.instances.values())),
                              return_exceptions=True)
+        if self._standby is not None:
+            self.ray.kill(self._standby[1])
+            self._standby = None
 
     # ---------------- stats ----------------
     @property

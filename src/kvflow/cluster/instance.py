@@ -187,20 +187,36 @@ class EngineInstance:
     """The Ray actor (client.py creates it with ray.remote(...)). Async methods all run on the
     actor's event loop; the engine runs on its own thread."""
 
-    def __init__(self, instance_id: str, options: dict, threads: int, weight_cache: bool = True):
+    def __init__(self, instance_id: str, options: dict, threads: int, weight_cache: bool = True,
+                 standby: bool = False):
+        """standby: start the process (Ray worker, imports) but build the engine only at start():
+        the autoscaler keeps one such process ready, so a cold start skips the process start."""
+        self.instance_id = instance_id
+        self._build = (options, threads, weight_cache)
+        self.reservations: dict[str, KVReservation] = {}
+        self.load_seconds = 0.0
+        if not standby:
+            self._build_engine()
+
+    def _build_engine(self) -> None:
+        options, threads, weight_cache = self._build
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
         if weight_cache:
             from kvflow.cluster import weight_cache as wc
             wc.install()
-        self.instance_id = instance_id
         self.engine = LLMEngine(EngineConfig.from_options(**options))
-        self.async_engine = InstanceEngine(self.engine, instance_id)
-        self.reservations: dict[str, KVReservation] = {}
+        self.async_engine = InstanceEngine(self.engine, self.instance_id)
         self.load_seconds = time.perf_counter() - t0
 
+    async def ping(self) -> bool:
+        return True
+
     async def start(self) -> dict:
-        """Start the engine thread; returns what the front end needs to know about this instance."""
+        """Build the engine if this was a standby process, start the engine thread; returns what
+        the front end needs to know about this instance."""
+        if not hasattr(self, "engine"):
+            await asyncio.to_thread(self._build_engine)
         self.async_engine.start()
         eng = self.engine
         return {"instance_id": self.instance_id, "load_seconds": self.load_seconds,
