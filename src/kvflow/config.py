@@ -165,6 +165,56 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be >= 2, got {s.max_model_len}")
 
 
+DISPATCH_POLICY_CHOICES = ("round-robin", "least-load", "prefix-affinity")  # kvflow.cluster.policy's names
+
+
+@dataclass
+class ClusterConfig:
+    """Serving on several engine instances (kvflow.cluster, on Ray). `instances` None: one engine,
+    in process, no Ray."""
+    instances: int | None = _opt(None, "engine instances, each a Ray actor (omitted: one engine in this process, "
+                                       "no Ray)", type=int)
+    threads_per_instance: int = _opt(1, "torch threads of each instance")
+    dispatch_policy: str = _opt("least-load", "where a new request goes: round-robin, least-load (Llumnix's "
+                                              "virtual usage) or prefix-affinity (the instance that cached most "
+                                              "of its prompt's leading blocks)", choices=list(DISPATCH_POLICY_CHOICES))
+    enable_migration: bool = _opt(False, "live-migrate running requests between instances to balance load "
+                                         "(Llumnix); draining instances are always migrated off")
+    migration_interval: float = _opt(0.5, "seconds between two migration plans")
+    prefill_instances: int = _opt(0, "prefill/decode split (Splitwise): instances that run prompts only "
+                                     "(with --decode-instances; replaces --instances)")
+    decode_instances: int = _opt(0, "prefill/decode split: instances that continue the decoding")
+    min_instances: int | None = _opt(None, "autoscaling: fewest instances (0 scales to zero after --idle-timeout; "
+                                           "omitted: no autoscaling)", type=int)
+    max_instances: int | None = _opt(None, "autoscaling: most instances (default: --instances)", type=int)
+    idle_timeout: float = _opt(60.0, "autoscaling: seconds an instance stays nearly idle before it is drained "
+                                     "and stopped")
+    ray_address: str | None = _opt(None, "join this Ray cluster (e.g. ray://host:10001 or auto); omitted: a "
+                                         "local Ray started for this process", type=str)
+    weight_cache: bool = _opt(True, "instances keep the loaded weights in a memory-mappable file under "
+                                    "~/.cache/kvflow/weights, so later (cold) starts skip the model conversion")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.instances or self.prefill_instances or self.decode_instances or self.min_instances is not None)
+
+    def validate(self) -> None:
+        for name in ("instances", "min_instances", "max_instances"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        if (self.prefill_instances > 0) != (self.decode_instances > 0):
+            raise ConfigError("the prefill/decode split needs both prefill_instances and decode_instances >= 1, got "
+                              f"{self.prefill_instances} and {self.decode_instances}")
+        if self.threads_per_instance < 1:
+            raise ConfigError(f"threads_per_instance must be >= 1, got {self.threads_per_instance}")
+        if self.dispatch_policy not in DISPATCH_POLICY_CHOICES:
+            raise ConfigError(f"dispatch_policy must be one of {', '.join(DISPATCH_POLICY_CHOICES)}, "
+                              f"got {self.dispatch_policy!r}")
+        if self.idle_timeout <= 0 or self.migration_interval <= 0:
+            raise ConfigError("idle_timeout and migration_interval must be > 0")
+
+
 def check_kv_cache_dtype(name: str) -> str:
     """The canonical name, or ConfigError naming the choices (called before any weight loads)."""
     if not isinstance(name, str) or _KV_ALIASES.get(name, name) not in KV_CACHE_DTYPES:

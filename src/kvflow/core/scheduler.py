@@ -93,6 +93,9 @@ class Scheduler:
         self.pool = block_pool
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        # Requests held out of the schedule while a live migration copies their last KV (cluster/);
+        # each remembers the queue it came from.
+        self.suspended: dict[Request, list[Request]] = {}
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -330,6 +333,8 @@ class Scheduler:
                 req.spec_tree_parents = None
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if req in self.suspended:
+            self.resume(req)
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status == RequestStatus.WAITING:
@@ -341,19 +346,36 @@ class Scheduler:
         req.stop_reason = stop_reason
         req.metrics.finished_time = time.time()
 
-    def add_imported(self, req: Request) -> bool:
-        """Take over a request exported by another instance. A running one gets fresh blocks for
-        its computed tokens (the caller writes their KV into them); False if the pool is short."""
+    def add_imported(self, req: Request, reserved_blocks: list[int] = ()) -> bool:
+        """Take over a request exported by another instance. A running one gets blocks for its
+        computed tokens: `reserved_blocks` (already holding the KV of its first tokens, copied
+        ahead by a live migration) and fresh ones for the rest (the caller writes their KV); False
+        if the pool is short (the reserved blocks then stay the caller's)."""
         req.block_ids, req.spec_token_ids, req.draft_num_computed = [], [], 0
         req.spec_tree_parents = None
         if req.num_computed_tokens == 0 or req.status != RequestStatus.RUNNING:
+            assert not reserved_blocks, "KV copied ahead for a request that has none"
             req.status, req.num_computed_tokens = RequestStatus.WAITING, 0
             self.add(req)
             return True
+        req.block_ids = list(reserved_blocks)
         if len(self.running) >= self.config.max_num_seqs or not self.pool.allocate_slots(req, req.num_computed_tokens):
+            req.block_ids = []
             return False
         self.running.append(req)
         return True
+
+    def suspend(self, req: Request) -> None:
+        """Hold a request out of the schedule, keeping its blocks (the last stage of a migration)."""
+        queue = self.running if req in self.running else self.waiting
+        queue.remove(req)
+        self.suspended[req] = queue
+
+    def resume(self, req: Request) -> None:
+        queue = self.suspended.pop(req)
+        queue.append(req)
+        if queue is self.waiting:
+            self._sort_waiting()
 
 
 def accepted_prefix(drafts: list[int], targets: list[int]) -> int:

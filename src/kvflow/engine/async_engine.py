@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -117,7 +117,14 @@ class Stop:
     """Abort everything and end the engine thread."""
 
 
-Command = AddRequest | AbortRequest | AbortSample | Stop
+@dataclass(frozen=True)
+class Call:
+    """Run fn(engine) on the engine thread between steps (a cluster instance's migrations)."""
+    fn: Callable[[LLMEngine], Any]
+    done: asyncio.Future  # settled on the event loop with fn's result or exception
+
+
+Command = AddRequest | AbortRequest | AbortSample | Stop | Call
 
 
 @dataclass
@@ -350,6 +357,14 @@ class AsyncEngine:
             async for out in stream:
                 yield out
 
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """fn(engine), run on the engine thread between two steps; its result or its exception."""
+        if self._dead is not None or self._thread is None:
+            raise EngineDeadError(f"the engine is not running: {self._dead}")
+        done = self._loop.create_future()
+        self._commands.put(Call(fn, done))
+        return await done
+
     def abort(self, request_id: str) -> None:
         """Abort now: the engine thread frees the request's blocks before its next step."""
         self._streams.pop(request_id, None)
@@ -365,9 +380,10 @@ class AsyncEngine:
         try:
             torch.set_num_threads(self._torch_threads)
             while True:
-                if not self._apply_commands(block=not eng.has_unfinished_requests()):
+                # Nothing to schedule (idle, or only requests suspended by a migration): wait for a command.
+                if not self._apply_commands(block=not eng.scheduler.num_unfinished):
                     break
-                if eng.has_unfinished_requests():
+                if eng.scheduler.num_unfinished:
                     self._step()
                 self._publish_stats()
         except BaseException as e:  # an invariant broke outside a step: nothing can run any more
@@ -394,6 +410,8 @@ class AsyncEngine:
                 self._apply_add(cmd)
             elif isinstance(cmd, AbortSample):
                 self.engine.abort_sample(cmd.request_id, cmd.index)
+            elif isinstance(cmd, Call):
+                self._apply_call(cmd)
             elif self.engine.abort(cmd.request_id):
                 self._forget(cmd.request_id, "abort")
         return True
@@ -407,6 +425,13 @@ class AsyncEngine:
             return
         self._tracked[cmd.request_id] = _Tracked(cmd.arrival, cmd.params.n)
         self._call_soon(_settle, cmd.ack, None)
+
+    def _apply_call(self, cmd: Call) -> None:
+        try:
+            result, error = cmd.fn(self.engine), None
+        except BaseException as e:  # the caller gets it; the engine thread goes on
+            result, error = None, e
+        self._call_soon(_settle, cmd.done, error, result)
 
     def _step(self) -> None:
         try:
@@ -521,10 +546,10 @@ class AsyncEngine:
         self._streams.clear()
 
 
-def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+def _settle(fut: asyncio.Future, exc: BaseException | None, result: Any = None) -> None:
     if fut.done():
         return
     if exc is None:
-        fut.set_result(None)
+        fut.set_result(result)
     else:
         fut.set_exception(exc)

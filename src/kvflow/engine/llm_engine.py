@@ -37,6 +37,7 @@ class ExportedRequest:
     children: list[dict]  # Request.export_state() of each sample
     kv: list[list[torch.Tensor] | None]  # per sample: the KV of its computed tokens (ModelRunner.read_kv)
     sent: dict  # what the output processor already sent, so the deltas carry on where they stopped
+    kv_from: int = 0  # kv holds tokens [kv_from:]; the first kv_from were copied ahead (live migration)
 
 
 class LLMEngine:
@@ -229,29 +230,61 @@ class LLMEngine:
         return failed
 
     # ---------------- hand-over to another instance ----------------
-    def export_request(self, request_id: str) -> ExportedRequest:
+    def export_request(self, request_id: str, kv_from: int = 0, suspend: bool = False) -> ExportedRequest:
         """Take a request out of this engine with everything needed to continue it elsewhere: its
-        samples' state and the KV of their computed tokens. Its blocks here are freed."""
-        parent = self.output_processor.pop(request_id)
+        samples' state and the KV of their computed tokens. Its blocks here are freed.
+
+        Live migration (cluster/migration.py) copies the full blocks ahead while the request runs:
+        `kv_from` (a multiple of the block size) then skips the tokens already copied, if every
+        sample still has them computed (else the whole KV goes, with kv_from 0). `suspend` keeps
+        the request here, out of the schedule with its blocks, until `resume_request` (the copy
+        failed) or `release_request` (it now runs elsewhere)."""
+        parent = self.parents.get(request_id) if suspend else self.output_processor.pop(request_id)
         if parent is None:
             raise InvalidRequestError(f"no unfinished request {request_id!r}")
+        running = [c.status == RequestStatus.RUNNING and c.num_computed_tokens > 0 for c in parent.children]
+        assert kv_from % self.block_pool.block_size == 0, "KV is copied ahead in whole blocks"
+        if not all(r and c.num_computed_tokens >= kv_from for r, c in zip(running, parent.children)):
+            kv_from = 0
+        first_block = kv_from // self.block_pool.block_size
         states, kv = [], []
-        for child in parent.children:
-            running = child.status == RequestStatus.RUNNING and child.num_computed_tokens > 0
-            kv.append(self.runner.read_kv(child.block_ids, child.num_computed_tokens) if running else None)
+        for child, is_running in zip(parent.children, running):
+            kv.append(self.runner.read_kv(child.block_ids[first_block:], child.num_computed_tokens - kv_from)
+                      if is_running else None)
             states.append(child.export_state())
-            if not child.is_finished:
+            if child.is_finished:
+                continue
+            if suspend:
+                self.scheduler.suspend(child)
+            else:
                 self.scheduler.finish(child, "migrated")
         sent = {"sent_tokens": parent.sent_tokens, "sent_text": parent.sent_text,
                 "sent_finished": parent.sent_finished, "sent_prompt_logprobs": parent.sent_prompt_logprobs}
-        return ExportedRequest(parent.request_id, parent.prompt, parent.prompt_token_ids, states, kv, sent)
+        return ExportedRequest(parent.request_id, parent.prompt, parent.prompt_token_ids, states, kv, sent, kv_from)
 
-    def import_request(self, exported: ExportedRequest) -> None:
+    def resume_request(self, request_id: str) -> None:
+        """A suspended request (export_request(suspend=True)) runs here again."""
+        for child in self.parents[request_id].children:
+            if child in self.scheduler.suspended:
+                self.scheduler.resume(child)
+
+    def release_request(self, request_id: str) -> None:
+        """A suspended request now runs on another instance: forget it and free its blocks."""
+        parent = self.output_processor.pop(request_id)
+        for child in parent.children:
+            if not child.is_finished:
+                self.scheduler.finish(child, "migrated")
+
+    def import_request(self, exported: ExportedRequest, reserved_blocks: list[int] = ()) -> None:
         """Continue a request exported by another engine with the same model. Raises
-        InvalidRequestError (and keeps nothing) if this engine has no room for it."""
+        InvalidRequestError (and keeps nothing) if this engine has no room for it.
+        `reserved_blocks`: blocks of this engine already holding the KV of the first
+        `exported.kv_from` tokens (copied ahead by a live migration; one-sample requests only)."""
         if exported.request_id in self.parents:
             raise InvalidRequestError(f"request_id {exported.request_id!r} is already in use")
+        assert not reserved_blocks or len(exported.children) == 1, "KV is copied ahead for one sample only"
         children = [Request.from_state(state, self.tokenizer) for state in exported.children]
+        first_block = exported.kv_from // self.block_pool.block_size
         taken = []
         for child, kv in zip(children, exported.kv):
             if child.is_finished:
@@ -259,12 +292,12 @@ class LLMEngine:
             if child.params.structured_outputs is not None:  # the matcher replays what was generated
                 child.grammar = RequestGrammar(self.grammars.submit(child.params.structured_outputs),
                                                replay=child.output_token_ids)
-            if not self.scheduler.add_imported(child):
+            if not self.scheduler.add_imported(child, reserved_blocks):
                 for c in taken:
                     self.scheduler.finish(c, "abort")
                 raise InvalidRequestError(f"no room for request {exported.request_id!r} on this instance")
             taken.append(child)
             if child.status == RequestStatus.RUNNING:
-                self.runner.write_kv(child.block_ids, kv)
+                self.runner.write_kv(child.block_ids[first_block:], kv)
         self.output_processor.add(ParentRequest(exported.request_id, exported.prompt, exported.prompt_token_ids,
                                                 children, **exported.sent))

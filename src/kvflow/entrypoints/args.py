@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from kvflow.config import EngineConfig, option_fields
+from kvflow.config import ClusterConfig, EngineConfig, option_fields
 
 _MODEL_OPTIONS = ("model", "dtype", "device", "seed")  # always set: the benches compare backends on them
 
@@ -50,3 +50,16 @@ def engine_options(args: argparse.Namespace) -> dict:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     model = {name: getattr(args, name) for name in _MODEL_OPTIONS}
     return EngineConfig.from_options(**model, **engine_options(args))
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """The ClusterConfig fields as flags (kvflow serve --instances N ...)."""
+    group = parser.add_argument_group("cluster (several instances on Ray; omitted: one engine, no Ray)")
+    for f in dataclasses.fields(ClusterConfig):
+        group.add_argument("--" + f.name.replace("_", "-"), **{**_argument(f), "default": _default(f)})
+
+
+def cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    config = ClusterConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig)})
+    config.validate()
+    return config

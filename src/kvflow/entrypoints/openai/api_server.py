@@ -297,7 +297,9 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str], api_key:
     app.state.shutdown.drain(timeout) is the graceful part of a shutdown."""
     limits = limits or Limits()
     if metrics is None:
-        metrics = ServerMetrics(lambda: async_engine.stats, lambda: async_engine.num_in_flight)
+        metrics = ServerMetrics(lambda: async_engine.stats, lambda: async_engine.num_in_flight,
+                                getattr(async_engine, "instance_stats", None),  # a cluster: per instance too
+                                getattr(async_engine, "cluster_counters", None))
         async_engine.observer = metrics
     server = OpenAIServing(async_engine, served_model_names, metrics, tokenizer_workers)
     http = HttpState()

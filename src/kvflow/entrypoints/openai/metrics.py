@@ -60,10 +60,39 @@ class _EngineCollector:
             yield CounterMetricFamily(name, doc, value=value)
 
 
-class ServerMetrics:
-    """The server's registry; also the AsyncEngine's observer (first_token, inter_token, sequence_finished)."""
+class _InstanceCollector:
+    """A cluster's gauges per instance (label `instance`) and its migration / hand-over counters."""
 
-    def __init__(self, stats: Callable[[], EngineStats], in_flight: Callable[[], int]):
+    GAUGES = [("kvflow:instance_num_requests_running", "Sequences running, per instance", "num_running"),
+              ("kvflow:instance_num_requests_waiting", "Sequences waiting, per instance", "num_waiting"),
+              ("kvflow:instance_kv_cache_used_blocks", "KV-cache blocks held by requests, per instance", "num_used_blocks"),
+              ("kvflow:instance_kv_cache_total_blocks", "KV-cache blocks in the pool, per instance", "num_blocks"),
+              ("kvflow:instance_prefix_cache_hit_rate", "Prefix-cache hit rate, per instance", "prefix_cache_hit_rate"),
+              ("kvflow:instance_generation_tokens", "Tokens generated, per instance", "generation_tokens_total")]
+
+    def __init__(self, per_instance: Callable[[], dict[str, EngineStats]], counters: Callable[[], dict] | None):
+        self._per_instance = per_instance
+        self._counters = counters
+
+    def collect(self):
+        stats = self._per_instance()
+        for name, doc, attr in self.GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["instance"])
+            for iid, s in sorted(stats.items()):
+                family.add_metric([iid], getattr(s, attr))
+            yield family
+        for key, value in (self._counters() if self._counters else {}).items():
+            yield GaugeMetricFamily(f"kvflow:cluster_{key}", f"Cluster: {key.replace('_', ' ')}", value=value)
+
+
+class ServerMetrics:
+    """The server's registry; also the AsyncEngine's observer (first_token, inter_token, sequence_finished).
+    Behind a cluster (kvflow.cluster), `per_instance` adds each instance's gauges; the unlabelled ones
+    are the cluster's totals."""
+
+    def __init__(self, stats: Callable[[], EngineStats], in_flight: Callable[[], int],
+                 per_instance: Callable[[], dict[str, EngineStats]] | None = None,
+                 cluster_counters: Callable[[], dict] | None = None):
         disable_created_metrics()  # no *_created series: they only double the scrape
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -82,6 +111,8 @@ class ServerMetrics:
         self.e2e = Histogram("kvflow:e2e_request_latency_seconds", "Arrival to finish, per sequence",
                              buckets=_E2E_BUCKETS, registry=r)
         r.register(_EngineCollector(stats, in_flight))
+        if per_instance is not None:
+            r.register(_InstanceCollector(per_instance, cluster_counters))
 
     # EngineObserver
     def first_token(self, ttft: float) -> None:

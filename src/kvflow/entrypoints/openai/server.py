@@ -1,6 +1,7 @@
 """The `kvflow serve` command: parse the options, load the engine, run uvicorn.
 
     kvflow serve [--model smollm2-135m] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-queue-len N]
+    kvflow serve --instances 2 [--dispatch-policy prefix-affinity] [--enable-migration] ...   (kvflow.cluster)
     python -m kvflow.entrypoints.openai.server ...      (the same, without the CLI wrapper)
 
 The app itself is api_server.build_app (routes, middleware), request handling is serving.py and
@@ -21,7 +22,7 @@ import time
 
 import uvicorn
 
-from kvflow.entrypoints.args import add_engine_args, engine_config
+from kvflow.entrypoints.args import add_cluster_args, add_engine_args, cluster_config, engine_config
 from kvflow.engine.async_engine import AsyncEngine
 from kvflow.entrypoints.openai.api_server import Limits, build_app  # noqa: F401 - build_app: the app's old home
 from kvflow.entrypoints.openai.http_protocol import protocol_with_header_timeout
@@ -125,12 +126,16 @@ def run_server(args: argparse.Namespace) -> int:
         return 2
     t0 = time.time()
     try:
-        engine = LLMEngine(engine_config(args))
+        cluster = cluster_config(args)
+        if cluster.enabled:  # several instances on Ray, behind the same front end
+            from kvflow.cluster.client import ClusterClient
+            async_engine = ClusterClient(engine_config(args), cluster, max_queue_len=args.max_queue_len)
+        else:
+            async_engine = AsyncEngine(LLMEngine(engine_config(args)), max_queue_len=args.max_queue_len)
     except KvflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logger.info("loaded %s in %.1f s", engine.model_path, time.time() - t0)
-    async_engine = AsyncEngine(engine, max_queue_len=args.max_queue_len)
+    logger.info("loaded %s in %.1f s", async_engine.engine.model_path, time.time() - t0)
     names = args.served_model_name or [args.model]
     app = build_app(async_engine, names, api_key=args.api_key, limits=Limits(body_timeout=args.body_timeout),
                     tokenizer_workers=args.tokenizer_workers)
@@ -153,6 +158,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                               description="Serve a model over an OpenAI-compatible HTTP API.")
     add_engine_args(p)
     add_server_args(p)
+    add_cluster_args(p)
     p.set_defaults(func=run_server)
     return p
 
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Serve a model over an OpenAI-compatible HTTP API.")
     add_engine_args(parser)
     add_server_args(parser)
+    add_cluster_args(parser)
     return run_server(parser.parse_args(argv))
 
 

@@ -1,0 +1,264 @@
+"""The Ray cluster (kvflow.cluster): dispatch, live migration, prefill/decode split, faults, and the
+OpenAI server in front of several instances. Ray starts once for the module; two instances of a
+tiny random-weight model serve every test but the server's (which joins the same Ray)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine_helpers import build_model, hf_greedy
+
+ray = pytest.importorskip("ray")
+
+from kvflow import SamplingParams  # noqa: E402
+
+POOL = dict(dtype="float32", num_gpu_blocks=40, block_size=16, max_model_len=320, max_num_seqs=8,
+            weight_cache=False)
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Paged attention splits the KV cache into blocks.",
+           "def fibonacci(n): return n if n < 2 else", "Servers must survive hostile clients: huge bodies"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from server_helpers import build_tiny_model
+    path = build_tiny_model(tmp_path_factory.mktemp("cluster-model"), max_positions=512)
+    import transformers
+    vocab = transformers.AutoTokenizer.from_pretrained(str(path)).vocab_size + 3
+    build_model("llama", False, 16, vocab).save_pretrained(str(path), safe_serialization=True)  # clear argmax margins
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    from kvflow.cluster.cluster import Cluster
+    # room for this module's two instances and the server test's two (Ray counts CPUs per actor)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    c = Cluster(str(model_dir), instances=2, threads_per_instance=1, dispatch_policy="round-robin", **POOL)
+    yield c
+    c.stop()
+    ray.shutdown()
+
+
+def _ids(cluster, prompt: str) -> list[int]:
+    return cluster.client.tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def _free(cluster, iid: str) -> tuple[int, int]:
+    """(free blocks, total blocks) of an instance, asked now."""
+    stats = ray.get(cluster.client.instances[iid].actor.poll.remote(0)).stats
+    return stats.num_free_blocks, stats.num_blocks
+
+
+def test_dispatch_gives_transformers_greedy_tokens(cluster, model_dir):
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    outs = cluster.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = _ids(cluster, prompt)
+        assert out.finished and out.outputs[0].token_ids == hf_greedy(hf, ids, 24)[:len(out.outputs[0].token_ids)]
+        assert len(out.outputs[0].token_ids) == 24 or out.outputs[0].token_ids[-1] == 2
+    stats = cluster.client.instance_stats()  # round-robin spread the four over both instances
+    assert len(stats) == 2 and all(s.prompt_tokens_total > 0 for s in stats.values()), stats
+
+
+async def _stream_and_migrate(client, request_id, prompt, params, after_tokens, migrate=True):
+    """Stream a request; after `after_tokens` tokens move it to the other instance. Returns
+    (token ids, migration report or None)."""
+    stream = await client.add_request(request_id, prompt, params)
+    tokens, report = [], None
+    async with stream:
+        async for delta in stream:
+            tokens += delta.outputs[0].token_ids
+            if migrate and report is None and len(tokens) >= after_tokens:
+                source = client.routes[request_id].instance_id
+                target = next(i for i in client.instances if i != source)
+                report = await client.migrate(request_id, target)
+    return tokens, report
+
+
+def test_migration_mid_decode_same_tokens_and_frees_source(cluster):
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    prompt = _ids(cluster, PROMPTS[0] * 3)
+    want = cluster.generate(prompt, params)[0].outputs[0].token_ids
+    got, report = cluster.run(lambda c: _stream_and_migrate(c, "moving", prompt, params, after_tokens=40))
+    assert report is not None and report.moved, report
+    assert report.stages >= 1 and report.tokens_ahead >= 16 and report.downtime_s > 0
+    assert got == want
+    for iid in cluster.instance_ids:  # the source let go of every block; the target freed its own at the end
+        free, total = _free(cluster, iid)
+        assert free == total, (iid, free, total)
+
+
+def test_migration_under_preemption_and_prefix_caching(cluster):
+    """Three long requests share a prompt prefix (prefix-cache hits) on one instance whose pool cannot
+    hold them all (preemption); one migrates mid-decode. Every output equals the unmigrated one."""
+    base = _ids(cluster, PROMPTS[1] * 3)
+    prompts = [base + [10 + i] for i in range(3)]
+    # each needs the whole context (20 blocks): three, less their shared prefix, overflow 40 blocks
+    # past ~170 output tokens, so the newest is preempted before the oldest moves (at 200)
+    params = SamplingParams(temperature=0.0, max_tokens=POOL["max_model_len"] - len(prompts[0]), ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in cluster.generate(prompts, params)]
+    client = cluster.client
+    iid = cluster.instance_ids[0]
+    preempted_before = _preemptions(cluster)
+
+    async def scenario(c):
+        for h in c.instances.values():  # pin all three to one instance: the other only receives
+            h.load.num_waiting = 0 if h.instance_id == iid else 1000
+        policy, c.dispatch_policy = c.dispatch_policy, _Pinned(iid)
+        try:
+            runs = [_stream_and_migrate(c, f"pre-{i}", p, params, after_tokens=200, migrate=(i == 0))
+                    for i, p in enumerate(prompts)]
+            return await asyncio.gather(*runs)
+        finally:
+            c.dispatch_policy = policy
+
+    results = cluster.run(scenario)
+    assert [tokens for tokens, _ in results] == want
+    assert results[0][1] is not None and results[0][1].moved, results[0][1]
+    assert _preemptions(cluster) > preempted_before
+    for i in cluster.instance_ids:
+        free, total = _free(cluster, i)
+        assert free == total
+
+
+def test_migration_to_a_full_target_is_abandoned_cleanly(cluster):
+    """The target cannot hold the request's KV: the migration fails, the request stays and finishes
+    on the source with the same tokens, and the target frees the blocks it had filled."""
+    hog = _ids(cluster, PROMPTS[3] * 3)
+    hog_params = SamplingParams(temperature=0.0, max_tokens=POOL["max_model_len"] - len(hog) - 1, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=220, ignore_eos=True)
+    prompt = _ids(cluster, PROMPTS[0] * 2)
+    want = cluster.generate(prompt, params)[0].outputs[0].token_ids
+    source, target = cluster.instance_ids
+
+    async def scenario(c):
+        policy, c.dispatch_policy = c.dispatch_policy, _Pinned(target)
+        try:  # two requests of 20 blocks each fill the target's 40
+            hogs = [await c.add_request(f"hog-{i}", hog + [5 + i], hog_params) for i in range(2)]
+            c.dispatch_policy = _Pinned(source)
+            drained = asyncio.gather(*(_drain(h) for h in hogs))
+            moved = await _stream_and_migrate(c, "stays", prompt, params, after_tokens=150)
+        finally:
+            c.dispatch_policy = policy
+        await drained
+        return moved
+
+    got, report = cluster.run(scenario)
+    assert report is not None and not report.moved and "no free blocks" in report.failure, report
+    assert got == want
+    for iid in cluster.instance_ids:
+        free, total = _free(cluster, iid)
+        assert free == total, (iid, free, total)
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+def _preemptions(cluster) -> int:
+    return sum(ray.get(h.actor.poll.remote(0)).stats.num_preemptions for h in cluster.client.instances.values())
+
+
+class _Pinned:
+    """A dispatch policy that sends everything to one instance while it is open."""
+
+    def __init__(self, iid):
+        self.iid = iid
+
+    def choose(self, prompt, priority, loads):
+        ids = [load.instance_id for load in loads]
+        return self.iid if self.iid in ids else ids[0]
+
+    def on_dispatch(self, *a):
+        pass
+
+    def on_instance_removed(self, *a):
+        pass
+
+
+def test_prefill_decode_split_same_tokens(cluster):
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in cluster.generate(PROMPTS, params)]
+    client = cluster.client
+    first, second = cluster.instance_ids
+    client.set_role(first, "prefill")
+    client.set_role(second, "decode")
+    try:
+        got = [o.outputs[0].token_ids for o in cluster.generate(PROMPTS, params)]
+    finally:
+        client.set_role(first, "mixed")
+        client.set_role(second, "mixed")
+    assert got == want
+
+    async def settled(c):  # a hand-over is recorded when the import returns, maybe after the stream ended
+        while len(c.transfers) < len(PROMPTS):
+            await asyncio.sleep(0.01)
+    cluster.run(settled, timeout=10)
+    handed = client.transfers[-len(PROMPTS):]
+    assert len(handed) == len(PROMPTS) and all(t.source == first and t.target == second for t in handed)
+    assert all(t.kv_bytes > 0 and t.transfer_s > 0 for t in handed)
+
+
+def test_killed_instance_unstarted_requests_rerouted(cluster):
+    """An instance dies under load: its requests that had streamed tokens end with a clear error, the
+    one still queued there (behind max_num_seqs running ones) finishes on the other instance, and a
+    request sent to the dead instance before the client noticed is re-routed. (Last: it leaves one
+    instance.)"""
+    from kvflow.errors import EngineDeadError
+    short = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = cluster.generate(PROMPTS[2], short)[0].outputs[0].token_ids
+    victim, survivor = cluster.instance_ids
+    long = SamplingParams(temperature=0.0, max_tokens=250, ignore_eos=True)
+
+    async def scenario(c):
+        policy, c.dispatch_policy = c.dispatch_policy, _Pinned(victim)
+        try:
+            busy = [await c.add_request(f"busy-{i}", PROMPTS[0], long) for i in range(POOL["max_num_seqs"])]
+            for s in busy:  # each has streamed something
+                await s.__anext__()
+            queued = await c.add_request("queued", PROMPTS[2], short)  # waits for a free seat there
+            c.kill_instance(victim)
+            errors = []
+            for s in busy:
+                try:
+                    async for _ in s:
+                        pass
+                except EngineDeadError as e:
+                    errors.append(str(e))
+            got = [t async for o in queued for t in o.outputs[0].token_ids]
+            late = [t async for o in c.generate(PROMPTS[2], short, request_id="late")
+                    for t in o.outputs[0].token_ids]
+            return errors, got, late
+        finally:
+            c.dispatch_policy = policy
+
+    errors, got, late = cluster.run(scenario)
+    assert len(errors) == POOL["max_num_seqs"] and all("died while this request was streaming" in e for e in errors)
+    assert got == want and late == want
+    assert cluster.instance_ids == [survivor]
+
+
+def test_openai_client_streams_from_kvflow_serve_instances(model_dir, cluster):
+    """`kvflow serve --instances 2` (joining this module's Ray) streams through the official client."""
+    import openai
+
+    from server_helpers import ServerProcess
+    address = ray.get_runtime_context().gcs_address
+    srv = ServerProcess("--instances", "2", "--ray-address", address, "--no-weight-cache", model=str(model_dir),
+                        options=dict(dtype="float32", num_gpu_blocks=40, max_model_len=320))
+    try:
+        srv.wait_ready(120)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+        chunks = list(client.completions.create(model=str(model_dir), prompt=PROMPTS[0], max_tokens=12,
+                                                temperature=0.0, stream=True))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop") and text
+        metrics = srv.metrics()
+        per_instance = [k for k in metrics if k.startswith("kvflow:instance_kv_cache_total_blocks{")]
+        assert len(per_instance) == 2 and metrics["kvflow:kv_cache_total_blocks"] == 80
+    finally:
+        srv.close()
