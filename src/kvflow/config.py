@@ -191,8 +191,8 @@ class ClusterConfig:
                                      "and stopped")
     ray_address: str | None = _opt(None, "join this Ray cluster (e.g. ray://host:10001 or auto); omitted: a "
                                          "local Ray started for this process", type=str)
-    weight_cache: bool = _opt(True, "instances keep the loaded weights in a memory-mappable file under "
-                                    "~/.cache/kvflow/weights, so later (cold) starts skip the model conversion")
+    weight_cache: bool = _opt(True, "instances read a GGUF model's weights from the dequantized copy the loader "
+                                    "keeps under $KVFLOW_CACHE/weights, so later (cold) starts skip the conversion")
 
     @property
     def enabled(self) -> bool:

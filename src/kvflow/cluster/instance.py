@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -202,9 +203,8 @@ class EngineInstance:
         options, threads, weight_cache = self._build
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
-        if weight_cache:
-            from kvflow.cluster import weight_cache as wc
-            wc.install()
+        if not weight_cache:  # this actor's process only (the loader's cache: model/loader.py)
+            os.environ["KVFLOW_WEIGHTS_CACHE"] = "0"
         self.engine = LLMEngine(EngineConfig.from_options(**options))
         self.async_engine = InstanceEngine(self.engine, self.instance_id)
         self.load_seconds = time.perf_counter() - t0

@@ -36,7 +36,6 @@ def preload_worker() -> None:
         from transformers import AutoTokenizer  # noqa: F401
 
         import kvflow.cluster.instance  # noqa: F401 - torch and the engine with it
-        import kvflow.cluster.weight_cache  # noqa: F401
         import kvflow.model.loader  # noqa: F401
     except Exception:  # noqa: BLE001 - a failed preload only costs the time it would have saved
         logger.exception("worker preload failed")
