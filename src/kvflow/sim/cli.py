@@ -45,7 +45,7 @@ def add_sim_parser(subparsers) -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="p99 latency and goodput against request rate, per policy; writes a plot")
     _add_cluster_args(s, sweep=True)
     _add_workload_args(s)
-    s.add_argument("--rates-per-instance", default="2,4,6,8",
+    s.add_argument("--rates-per-instance", default="0.5,1,1.5,2,4,8",
                    help="request rates per instance to sweep (default %(default)s)")
     s.add_argument("--requests-per-instance", type=int, default=100,
                    help="requests per run per instance (default %(default)s)")

@@ -74,10 +74,11 @@ def plot(runs: list[dict], path: str, slos: dict[str, float]) -> None:
         mine = [r for r in runs if r["instances"] == n]
         for col, (key, label, log) in enumerate(panels):
             ax = axes[row][col]
-            for name in dict.fromkeys(r["config"] for r in mine):
+            for k, name in enumerate(dict.fromkeys(r["config"] for r in mine)):
                 pts = sorted((r["rate_per_instance"], r[key]) for r in mine if r["config"] == name and r[key] is not None)
                 ys = [y / n if key == "request_goodput" else y for _, y in pts]
-                ax.plot([x for x, _ in pts], ys, marker="o", label=name)
+                # dashed where a policy may coincide with another (prefix-affinity falls back to least-load)
+                ax.plot([x for x, _ in pts], ys, marker="o", label=name, linestyle=("-", "-", "--", "-", "-")[k % 5])
             ax.set_xlabel("request rate per instance (req/s)")
             ax.set_ylabel(label)
             ax.set_title(f"{n} instances")
