@@ -100,7 +100,6 @@ def test_migration_under_preemption_and_prefix_caching(cluster):
     # past ~170 output tokens, so the newest is preempted before the oldest moves (at 200)
     params = SamplingParams(temperature=0.0, max_tokens=POOL["max_model_len"] - len(prompts[0]), ignore_eos=True)
     want = [o.outputs[0].token_ids for o in cluster.generate(prompts, params)]
-    client = cluster.client
     iid = cluster.instance_ids[0]
     preempted_before = _preemptions(cluster)
 
