@@ -380,10 +380,10 @@ class AsyncEngine:
         try:
             torch.set_num_threads(self._torch_threads)
             while True:
-                # Nothing to schedule (idle, or only requests suspended by a migration): wait for a command.
-                if not self._apply_commands(block=not eng.scheduler.num_unfinished):
+                # Nothing to step (idle, or only requests suspended by a migration): wait for a command.
+                if not self._apply_commands(block=not eng.has_unfinished_requests()):
                     break
-                if eng.scheduler.num_unfinished:
+                if eng.has_unfinished_requests():
                     self._step()
                 self._publish_stats()
         except BaseException as e:  # an invariant broke outside a step: nothing can run any more

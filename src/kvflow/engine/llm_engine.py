@@ -176,7 +176,9 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.parents)
+        """Whether a step has work: requests to advance, or finished samples to report. A request
+        suspended for a migration (cluster/migration.py) waits outside the schedule: no work here."""
+        return bool(self.scheduler.num_unfinished or self._aborted_samples)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.parents)
