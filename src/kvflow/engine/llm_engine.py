@@ -63,11 +63,11 @@ class LLMEngine:
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.block_pool)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.speculator: Speculator | None = None
-        self.set_speculative_config(config.speculative_config)
         self._grammars: GrammarCompiler | None = None  # built by the first structured request
         self._ids = itertools.count()
         self._aborted_samples: list[Request] = []  # finished outside a step: reported by the next one
+        self.speculator: Speculator | None = None
+        self.set_speculative_config(config.speculative_config)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
 
