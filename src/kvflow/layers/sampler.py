@@ -1,7 +1,8 @@
 """Batched sampler: one call per step for every request that samples.
 
 Order as in vLLM: penalties, logit_bias and the grammar bitmask (structured output: only the rows
-that have one pay for it) on the raw logits, then greedy rows take the argmax;
+that have one pay for it, and a greedy row only when its argmax is disallowed) on the raw logits,
+then greedy rows take the argmax;
 the others divide by temperature, apply min_p / top_k / top_p, and draw by the exponential race
 (argmax of p / E, E ~ Exp(1)). A seeded request's noise for token t at output position i is a hash
 of (seed, i, t): its output depends neither on what else is in the batch nor on speculation,
@@ -47,10 +48,10 @@ def sample(logits: torch.Tensor, requests: list[SamplingRow],
     [S, ceil(V / 32)] int32, the rows to apply them to), or None."""
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     logits = _apply_penalties_and_bias(logits, requests)
-    if bitmask is not None:
-        logits = apply_bitmask(logits, *bitmask)
     params = [r.params for r in requests]
     chosen = logits.argmax(dim=-1)
+    if bitmask is not None:
+        logits, chosen = _constrain(logits, chosen, params, *bitmask)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]  # decided on the host: no device sync
     if random_rows:
         rows = torch.tensor(random_rows, device=logits.device)
@@ -89,6 +90,25 @@ def _apply_penalties_and_bias(logits: torch.Tensor, requests: list[SamplingRow])
             banned = [t for t in (*eos, *(p.stop_token_ids or ())) if 0 <= t < logits.shape[1]]
             logits[row, banned] = -float("inf")
     return logits
+
+
+def _constrain(logits: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams], bits: torch.Tensor,
+               rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the grammar bitmask to `rows`. A greedy row whose unconstrained argmax the grammar
+    allows keeps it (masking other tokens cannot change an allowed argmax), so it costs one bit
+    test instead of a pass over the vocabulary; the other rows are masked (and greedy ones re-argmaxed)."""
+    bits = bits.to(logits.device)
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    top = chosen[index]
+    allowed = ((bits[index, top >> 5] >> (top & 31)) & 1).tolist()
+    need = [r for r, ok in zip(rows, allowed) if not (ok and params[r].greedy)]
+    if not need:
+        return logits, chosen
+    logits = apply_bitmask(logits, bits, need)
+    greedy = [r for r in need if params[r].greedy]
+    if greedy:
+        chosen[greedy] = logits[greedy].argmax(dim=-1)
+    return logits, chosen
 
 
 def apply_bitmask(logits: torch.Tensor, bits: torch.Tensor, rows: list[int]) -> torch.Tensor:
