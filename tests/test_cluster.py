@@ -4,6 +4,7 @@ tiny random-weight model serve every test but the server's (which joins the same
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -44,10 +45,16 @@ def _ids(cluster, prompt: str) -> list[int]:
     return cluster.client.tokenizer.encode(prompt, add_special_tokens=True)
 
 
-def _free(cluster, iid: str) -> tuple[int, int]:
-    """(free blocks, total blocks) of an instance, asked now."""
-    stats = ray.get(cluster.client.instances[iid].actor.poll.remote(0)).stats
-    return stats.num_free_blocks, stats.num_blocks
+def _free(cluster, iid: str, settle_s: float = 5.0) -> tuple[int, int]:
+    """(free blocks, total blocks) of an instance once it is idle. An instance publishes its stats
+    after the step that sent the last output, so the first poll may still see that step's blocks:
+    poll until every block is free or `settle_s` has passed."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        stats = ray.get(cluster.client.instances[iid].actor.poll.remote(0)).stats
+        if stats.num_free_blocks == stats.num_blocks or time.monotonic() > deadline:
+            return stats.num_free_blocks, stats.num_blocks
+        time.sleep(0.05)
 
 
 def test_dispatch_gives_transformers_greedy_tokens(cluster, model_dir):
