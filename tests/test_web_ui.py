@@ -5,10 +5,8 @@ The browser test loads the page, sends a message, sees the reply stream in (the 
 seen at several lengths before it ends) and sees the metrics panel update from /metrics."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-import time
 
 import httpx
 import pytest
@@ -107,13 +105,19 @@ def test_chat_streams_and_metrics_update_in_a_browser(server):
         max_tokens.clear()
         max_tokens.send_keys("200")
         driver.find_element(By.ID, "prompt").send_keys("Hello there")
+        # Every text the reply bubble shows, recorded in the page as it renders (polling from here
+        # can miss a fast reply's intermediate states).
+        driver.execute_script("""
+            window.__replyLengths = [];
+            new MutationObserver(() => {
+              const b = document.querySelector('.msg.assistant');
+              if (b && b.firstChild) window.__replyLengths.push(b.firstChild.textContent.length);
+            }).observe(document.body, {subtree: true, childList: true, characterData: true});""")
         driver.find_element(By.ID, "send").click()
 
         bubble = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant"))
-        lengths = set()
-        deadline = time.time() + 10
-        while "streaming" in (bubble.get_attribute("class") or "") and time.time() < deadline:
-            lengths.add(len(driver.execute_script("return arguments[0].firstChild ? arguments[0].firstChild.textContent : ''", bubble)))
+        wait.until(lambda d: "streaming" not in (bubble.get_attribute("class") or ""))
+        lengths = set(driver.execute_script("return window.__replyLengths"))
         assert len(lengths - {0}) >= 2, f"the reply should arrive in pieces, saw lengths {sorted(lengths)}"
         assert driver.find_element(By.CSS_SELECTOR, ".msg.assistant .meta").text  # tokens, time, finish reason
         wait.until(lambda d: float(d.find_element(By.ID, "m-tokens").text) > tokens_before)
