@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install with test extras, then run the whole test suite (two worker processes, one torch thread each).
+# Install with test extras, then run the whole test suite (two worker processes, one torch thread each;
+# modules with costly module fixtures stay on one worker: see tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --test

@@ -67,6 +67,27 @@ def _shared_weights():
     mp.undo()
 
 
+# Modules whose module-scoped fixtures start something costly (a server process, Ray, an engine run
+# for references) run whole on one test worker, so the fixture is built once instead of once per
+# worker; other tests spread one by one. (xdist's own `--dist loadgroup` marks do not take effect
+# with pytest 9: it renames node ids through an attribute pytest no longer reads.)
+ONE_WORKER_MODULES = {"test_bench_serve", "test_cli", "test_cluster", "test_precision", "test_sampling",
+                      "test_server", "test_server_hostile", "test_spec_decode", "test_structured", "test_web_ui"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        """Scopes are those modules, or single tests; larger scopes are sent first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if os.path.splitext(os.path.basename(module))[0] in ONE_WORKER_MODULES else nodeid
+
+    return ModuleGroups(config, log)
+
+
 _LLMS: dict = {}
 
 

@@ -25,14 +25,15 @@ import logging
 import time
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
+from typing import Collection
 
 from kvflow.cluster import policy as P
 from kvflow.cluster.instance import Delta, EngineInstance, Handoff, InstanceDrainingError
 from kvflow.cluster.migration import MigrationReport, live_migrate
 from kvflow.cluster.ray_env import ClusterError, init_ray
 from kvflow.config import ClusterConfig, EngineConfig
-from kvflow.engine.async_engine import EngineObserver, EngineStats, RequestStream
-from kvflow.errors import EngineDeadError, InvalidRequestError, KvflowError, QueueFullError, ShuttingDownError
+from kvflow.engine.async_engine import EngineObserver, EngineStats, RequestStream, ServingLifecycle
+from kvflow.errors import EngineDeadError, InvalidRequestError, KvflowError, QueueFullError
 from kvflow.sampling_params import SamplingParams
 
 logger = logging.getLogger("kvflow.cluster")
@@ -95,7 +96,9 @@ class ColdStart:
     first_token_s: float | None = None  # request arrival (or start, if later) to first token
 
 
-class ClusterClient:
+class ClusterClient(ServingLifecycle):
+    kind = "cluster"
+
     def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig, max_queue_len: int | None = None,
                  observer: EngineObserver | None = None):
         from kvflow.model.loader import load_tokenizer
@@ -128,8 +131,6 @@ class ClusterClient:
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
-        self._draining = False
-        self._dead: BaseException | None = None
         self._started_at: dict[str, float] = {}
         self._standby: tuple[str, object] | None = None
         roles = (["prefill"] * cluster.prefill_instances + ["decode"] * cluster.decode_instances if pd
@@ -303,30 +304,8 @@ class ClusterClient:
     def is_running(self) -> bool:
         return self._loop is not None and self._dead is None
 
-    @property
-    def dead_reason(self) -> BaseException | None:
-        return self._dead
-
-    @property
-    def is_draining(self) -> bool:
-        return self._draining
-
-    def begin_drain(self) -> None:
-        self._draining = True
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self.routes)
-
-    @property
-    def num_seqs_in_flight(self) -> int:
-        return sum(r.stream.num_seqs for r in self.routes.values())
-
-    async def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.routes and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return not self.routes
+    def _in_flight(self) -> Collection[RequestStream]:
+        return [r.stream for r in self.routes.values()]
 
     def abort_all(self, err: BaseException) -> int:
         routes = list(self.routes.values())
@@ -382,21 +361,8 @@ class ClusterClient:
         open_ = sum(1 for h in self.instances.values() if h.role != "decode" and not h.draining)
         return max(1, open_) * self.engine_config.scheduler.max_num_seqs + self.max_queue_len
 
-    def check_admission(self, num_seqs: int = 1) -> None:
-        if self._dead is not None or self._loop is None:
-            raise EngineDeadError(f"the cluster is not running: {self._dead}")
-        if self._draining:
-            raise ShuttingDownError("the server is shutting down and admits no new requests; retry on "
-                                    "another instance", retry_after=5.0)
-        capacity = self.max_seqs_in_flight
-        if capacity is None:
-            return
-        if num_seqs > capacity:
-            raise InvalidRequestError(f"this request asks for {num_seqs} sequences (n x prompts) but the cluster "
-                                      f"runs at most {capacity} at once; send fewer prompts or a lower n")
-        if self.num_seqs_in_flight + num_seqs > capacity:
-            raise QueueFullError(f"the cluster is busy: {self.num_seqs_in_flight} sequences in flight, {num_seqs} "
-                                 f"more would exceed the limit of {capacity}; retry later", retry_after=1.0)
+    def _started(self) -> bool:
+        return self._loop is not None
 
     async def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
                           priority: int = 0, arrival_time: float | None = None,

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Collection, Protocol
 
 import torch
 
@@ -201,7 +201,80 @@ class RequestStream:
         self.close()
 
 
-class AsyncEngine:
+class ServingLifecycle:
+    """What the OpenAI front end asks of whatever runs its requests, one engine (AsyncEngine) or a
+    cluster of them (ClusterClient): why it died, whether it drains, and what is in flight."""
+    kind = "engine"  # how errors name it
+    _dead: BaseException | None = None
+    _draining: bool = False
+
+    def _in_flight(self) -> Collection[RequestStream]:
+        raise NotImplementedError
+
+    def _started(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def max_seqs_in_flight(self) -> int | None:
+        raise NotImplementedError
+
+    def _limits(self) -> str:
+        """Where max_seqs_in_flight comes from, for error messages."""
+        return ""
+
+    @property
+    def dead_reason(self) -> BaseException | None:
+        return self._dead
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Admit nothing new (ShuttingDownError); what runs goes on."""
+        self._draining = True
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added and not yet finished or aborted."""
+        return len(self._in_flight())
+
+    @property
+    def num_seqs_in_flight(self) -> int:
+        """Sequences of those requests (each request counts its n)."""
+        return sum(s.num_seqs for s in self._in_flight())
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every request in flight to end; True if they did."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self._in_flight()
+
+    def check_admission(self, num_seqs: int = 1) -> None:
+        """Raise unless `num_seqs` more sequences may start now: EngineDeadError if nothing can run,
+        ShuttingDownError while draining, InvalidRequestError if that many could never be admitted
+        at once, QueueFullError if they would exceed max_seqs_in_flight."""
+        if self._dead is not None or not self._started():
+            raise EngineDeadError(f"the {self.kind} is not running: {self._dead}")
+        if self._draining:
+            raise ShuttingDownError("the server is shutting down and admits no new requests; retry on "
+                                    "another instance", retry_after=5.0)
+        capacity = self.max_seqs_in_flight
+        if capacity is None:
+            return
+        if num_seqs > capacity:
+            raise InvalidRequestError(
+                f"this request asks for {num_seqs} sequences (n x prompts) but the {self.kind} runs at most "
+                f"{capacity} at once{self._limits()}; send fewer prompts or a lower n")
+        in_flight = self.num_seqs_in_flight
+        if in_flight + num_seqs > capacity:
+            raise QueueFullError(
+                f"the {self.kind} is busy: {in_flight} sequences in flight, {num_seqs} more would exceed the "
+                f"limit of {capacity}{self._limits()}; retry later", retry_after=1.0)
+
+
+class AsyncEngine(ServingLifecycle):
     def __init__(self, engine: LLMEngine, max_queue_len: int | None = None,
                  observer: EngineObserver | None = None):
         self.engine = engine
@@ -213,8 +286,6 @@ class AsyncEngine:
         self._tracked: dict[str, _Tracked] = {}  # engine-thread side only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._dead: BaseException | None = None
-        self._draining = False
         self._ids = itertools.count()
         self._num_steps = 0
         # OpenMP's thread count is per thread: a new thread would not inherit torch.set_num_threads
@@ -235,24 +306,8 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
-    @property
-    def dead_reason(self) -> BaseException | None:
-        return self._dead
-
-    @property
-    def is_draining(self) -> bool:
-        return self._draining
-
-    def begin_drain(self) -> None:
-        """Admit nothing new (ShuttingDownError); what runs goes on."""
-        self._draining = True
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for every request in flight to end; True if they did."""
-        deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return not self._streams
+    def _in_flight(self) -> Collection[RequestStream]:
+        return self._streams.values()
 
     def abort_all(self, err: BaseException) -> int:
         """End every request in flight: its stream raises `err` after the outputs it already holds,
@@ -278,45 +333,17 @@ class AsyncEngine:
 
     # ---------------- requests (event loop side) ----------------
     @property
-    def num_in_flight(self) -> int:
-        """Requests added and not yet finished or aborted."""
-        return len(self._streams)
-
-    @property
-    def num_seqs_in_flight(self) -> int:
-        """Sequences of those requests (each request counts its n)."""
-        return sum(s.num_seqs for s in self._streams.values())
-
-    @property
     def max_seqs_in_flight(self) -> int | None:
         """max_num_seqs + max_queue_len, or None without a queue bound."""
         if self.max_queue_len is None:
             return None
         return self.engine.config.scheduler.max_num_seqs + self.max_queue_len
 
-    def check_admission(self, num_seqs: int = 1) -> None:
-        """Raise unless `num_seqs` more sequences may start now: EngineDeadError if the engine cannot
-        run anything, ShuttingDownError while draining, InvalidRequestError if that many could never
-        be admitted at once, QueueFullError if they would exceed max_num_seqs + max_queue_len."""
-        if self._dead is not None or self._thread is None:
-            raise EngineDeadError(f"the engine is not running: {self._dead}")
-        if self._draining:
-            raise ShuttingDownError("the server is shutting down and admits no new requests; retry on "
-                                    "another instance", retry_after=5.0)
-        capacity = self.max_seqs_in_flight
-        if capacity is None:
-            return
-        limits = (f"max_num_seqs {self.engine.config.scheduler.max_num_seqs} + max_queue_len "
-                  f"{self.max_queue_len}")
-        if num_seqs > capacity:
-            raise InvalidRequestError(
-                f"this request asks for {num_seqs} sequences (n x prompts) but the server runs at most "
-                f"{capacity} at once ({limits}); send fewer prompts or a lower n")
-        in_flight = self.num_seqs_in_flight
-        if in_flight + num_seqs > capacity:
-            raise QueueFullError(
-                f"the server is busy: {in_flight} sequences in flight, {num_seqs} more would exceed the "
-                f"limit of {capacity} ({limits}); retry later", retry_after=1.0)
+    def _started(self) -> bool:
+        return self._thread is not None
+
+    def _limits(self) -> str:
+        return f" (max_num_seqs {self.engine.config.scheduler.max_num_seqs} + max_queue_len {self.max_queue_len})"
 
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"

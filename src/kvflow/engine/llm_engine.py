@@ -20,6 +20,7 @@ from kvflow.errors import InvalidRequestError
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.config import SpeculativeConfig
+from kvflow.spec_decode.profile import time_shapes
 from kvflow.spec_decode.speculator import Speculator, build_proposer
 from kvflow.structured.grammar import GrammarCompiler
 from kvflow.structured.matcher import RequestGrammar, wait_any
@@ -67,6 +68,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._aborted_samples: list[Request] = []  # finished outside a step: reported by the next one
         self.speculator: Speculator | None = None
+        self._step_time_samples: list | None = None  # timed once per engine, for every "auto" speculator
         self.set_speculative_config(config.speculative_config)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -85,7 +87,9 @@ class LLMEngine:
         proposer = build_proposer(spec, self.runner, draft_runner, self.config.scheduler.max_model_len)
         self.speculator = Speculator(spec, proposer, self.scheduler.reserve)
         if spec.auto and draft_runner is None:  # goodput needs step times before the first step
-            self.speculator.seed_step_time(self.runner, self.block_pool)
+            if self._step_time_samples is None:
+                self._step_time_samples = time_shapes(self.runner, self.block_pool)
+            self.speculator.step_time.fit_seed(self._step_time_samples)
 
     @property
     def parents(self) -> dict[str, ParentRequest]:

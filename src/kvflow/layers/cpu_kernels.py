@@ -17,7 +17,8 @@ import torch
 from kvflow.cache import cache_dir
 
 logger = logging.getLogger(__name__)
-_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = sorted(_CSRC.glob("*.c"))
 GEMV_MAX_ROWS = 8  # csrc/gemv.c's MAX_M
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -33,7 +34,7 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None:
         logger.info("no C compiler: paged decode attention runs in plain torch")
         return None
-    source = b"".join(p.read_bytes() for p in _SOURCES)
+    source = b"".join(p.read_bytes() for p in sorted(_CSRC.glob("*.[ch]")))  # headers change the build too
     digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
     cache = cache_dir("kernels")
     target = cache / f"kvflow-kernels-{digest}.so"

@@ -6,11 +6,9 @@ The speculator is handed what it needs: a proposer and a way to reserve KV slots
 write their KV ahead of verification). It reads the scheduler's queues and never writes them."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request
 from kvflow.core.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput, accepted_prefix
 from kvflow.core.spec_tree import DraftTree, accept_path, depths
@@ -83,14 +81,6 @@ class Speculator:
     def needs_blocks(self) -> bool:
         """Draft models compute KV for their drafts, so K is chosen before proposing."""
         return isinstance(self.proposer, DraftProposer)
-
-    def seed_step_time(self, runner: ModelRunner, pool: BlockPool) -> float:
-        """Time a few batch shapes so the goodput choice is right from the first step (only "auto"
-        needs it). Returns the seconds spent."""
-        from kvflow.spec_decode.profile import time_shapes
-        started = time.perf_counter()
-        self.step_time.fit_seed(time_shapes(runner, pool))
-        return time.perf_counter() - started
 
     # ---- after a step ----
     def observe_step(self, sched: SchedulerOutput, seconds: float, out: ModelRunnerOutput) -> None:

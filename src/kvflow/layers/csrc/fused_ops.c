@@ -2,28 +2,16 @@
  *   add_rmsnorm: residual += x (in place), out = rmsnorm(residual) * w     (or out = rmsnorm(x) * w)
  *   silu_mul:    out = silu(gate) * up, reading [gate | up] rows of the fused gate_up matmul
  *   rotary:      rotate-half rotary embedding of q and k heads in place, inside the qkv rows
- * Float32 and bfloat16 (uint16 storage) versions; bfloat16 math runs in float32 and rounds where
- * Hugging Face's bf16 Llama rounds (the residual sum, the normalised value, the weight product).
+ * Each is written once and instantiated for float32 and bfloat16 (uint16 storage): T is the element
+ * type, LOAD/STORE convert to and from float32 (STORE rounds every stored value: the residual sum,
+ * the output) and ROUND rounds the intermediates Hugging Face's bf16 Llama rounds (the normalised
+ * value, the SiLU); math runs in float32.
  * Rows go to OpenMP threads only when there are enough of them to pay for waking the threads. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf(float f) {  /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf(float f) { return bf(to_bf(f)); }
+#include "bf16.h"
 
 #define PAR_ROWS 16 /* below this many rows, one thread */
 
@@ -49,104 +37,66 @@ static inline float exp_vec(float x) {
 static inline float silu(float g) { return g / (1.f + exp_vec(-g)); }
 
 /* ---------------- add + RMSNorm ---------------- */
-void add_rmsnorm_f32(const float* x, float* residual, const float* w, float* out, int T, int H, float eps) {
-    _Pragma("omp parallel for schedule(static) if(T >= PAR_ROWS)")
-    for (int t = 0; t < T; t++) {
-        const float* xr = x + (int64_t)t * H;
-        float* src = residual ? residual + (int64_t)t * H : (float*)xr;
-        float part[16] = {0};
-        if (residual)
-            for (int i = 0; i < H; i++) src[i] += xr[i];
-        int i = 0;
-        for (; i + 16 <= H; i += 16)
-            for (int e = 0; e < 16; e++) part[e] += src[i + e] * src[i + e];
-        float ss = 0.f;
-        for (; i < H; i++) ss += src[i] * src[i];
-        for (int e = 0; e < 16; e++) ss += part[e];
-        const float inv = 1.f / sqrtf(ss / (float)H + eps);
-        float* o = out + (int64_t)t * H;
-        for (int j = 0; j < H; j++) o[j] = w[j] * (src[j] * inv);
-    }
-}
-
-void add_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16_t* w, uint16_t* out, int T, int H,
-                      float eps) {
-    _Pragma("omp parallel for schedule(static) if(T >= PAR_ROWS)")
-    for (int t = 0; t < T; t++) {
-        const uint16_t* xr = x + (int64_t)t * H;
-        const uint16_t* src = xr;
-        if (residual) {
-            uint16_t* rr = residual + (int64_t)t * H;
-            for (int i = 0; i < H; i++) rr[i] = to_bf(bf(rr[i]) + bf(xr[i]));
-            src = rr;
-        }
-        float part[16] = {0};
-        int i = 0;
-        for (; i + 16 <= H; i += 16)
-            for (int e = 0; e < 16; e++) { const float v = bf(src[i + e]); part[e] += v * v; }
-        float ss = 0.f;
-        for (; i < H; i++) ss += bf(src[i]) * bf(src[i]);
-        for (int e = 0; e < 16; e++) ss += part[e];
-        const float inv = 1.f / sqrtf(ss / (float)H + eps);
-        uint16_t* o = out + (int64_t)t * H;
-        for (int j = 0; j < H; j++) o[j] = to_bf(bf(w[j]) * round_bf(bf(src[j]) * inv));
-    }
+#define DEFINE_ADD_RMSNORM(NAME, T, LOAD, STORE, ROUND)                                           \
+void NAME(const T* x, T* residual, const T* w, T* out, int rows, int H, float eps) {              \
+    _Pragma("omp parallel for schedule(static) if(rows >= PAR_ROWS)")                             \
+    for (int t = 0; t < rows; t++) {                                                              \
+        const T* xr = x + (int64_t)t * H;                                                         \
+        const T* src = xr;                                                                        \
+        if (residual) {                                                                           \
+            T* rr = residual + (int64_t)t * H;                                                    \
+            for (int i = 0; i < H; i++) rr[i] = STORE(LOAD(rr[i]) + LOAD(xr[i]));                \
+            src = rr;                                                                             \
+        }                                                                                         \
+        float part[16] = {0};                                                                     \
+        int i = 0;                                                                                \
+        for (; i + 16 <= H; i += 16)                                                              \
+            for (int e = 0; e < 16; e++) { const float v = LOAD(src[i + e]); part[e] += v * v; }  \
+        float ss = 0.f;                                                                           \
+        for (; i < H; i++) ss += LOAD(src[i]) * LOAD(src[i]);                                     \
+        for (int e = 0; e < 16; e++) ss += part[e];                                               \
+        const float inv = 1.f / sqrtf(ss / (float)H + eps);                                       \
+        T* o = out + (int64_t)t * H;                                                              \
+        for (int j = 0; j < H; j++) o[j] = STORE(LOAD(w[j]) * ROUND(LOAD(src[j]) * inv));         \
+    }                                                                                             \
 }
 
 /* ---------------- SiLU(gate) * up ---------------- */
-void silu_mul_f32(const float* gu, float* out, int T, int I) {
-    _Pragma("omp parallel for schedule(static) if(T >= PAR_ROWS)")
-    for (int t = 0; t < T; t++) {
-        const float* g = gu + (int64_t)t * 2 * I;
-        const float* u = g + I;
-        float* o = out + (int64_t)t * I;
-        for (int i = 0; i < I; i++) o[i] = silu(g[i]) * u[i];
-    }
-}
-
-void silu_mul_bf16(const uint16_t* gu, uint16_t* out, int T, int I) {
-    _Pragma("omp parallel for schedule(static) if(T >= PAR_ROWS)")
-    for (int t = 0; t < T; t++) {
-        const uint16_t* g = gu + (int64_t)t * 2 * I;
-        const uint16_t* u = g + I;
-        uint16_t* o = out + (int64_t)t * I;
-        for (int i = 0; i < I; i++) o[i] = to_bf(round_bf(silu(bf(g[i]))) * bf(u[i]));
-    }
+#define DEFINE_SILU_MUL(NAME, T, LOAD, STORE, ROUND)                                              \
+void NAME(const T* gu, T* out, int rows, int I) {                                                 \
+    _Pragma("omp parallel for schedule(static) if(rows >= PAR_ROWS)")                             \
+    for (int t = 0; t < rows; t++) {                                                              \
+        const T* g = gu + (int64_t)t * 2 * I;                                                     \
+        const T* u = g + I;                                                                       \
+        T* o = out + (int64_t)t * I;                                                              \
+        for (int i = 0; i < I; i++) o[i] = STORE(ROUND(silu(LOAD(g[i]))) * LOAD(u[i]));          \
+    }                                                                                             \
 }
 
 /* ---------------- rotary (rotate-half layout) ----------------
- * x: T rows of `stride` elements; heads [0, H) of D values each start at the row's start.
- * cos/sin: float32 [T, D] (the position's table row; both halves equal). */
-void rotary_f32(float* x, int T, int stride, int H, int D, const float* cos, const float* sin) {
-    const int half = D / 2;
-    _Pragma("omp parallel for schedule(static) if(T >= PAR_ROWS)")
-    for (int t = 0; t < T; t++) {
-        const float* c = cos + (int64_t)t * D;
-        const float* s = sin + (int64_t)t * D;
-        for (int h = 0; h < H; h++) {
-            float* p = x + (int64_t)t * stride + h * D;
-            for (int i = 0; i < half; i++) {
-                const float a = p[i], b = p[i + half];
-                p[i] = a * c[i] - b * s[i];
-                p[i + half] = b * c[i + half] + a * s[i + half];
-            }
-        }
-    }
+ * x: `rows` rows of `stride` elements; heads [0, H) of D values each start at the row's start.
+ * cos/sin: float32 [rows, D] (the position's table row; both halves equal). */
+#define DEFINE_ROTARY(NAME, T, LOAD, STORE)                                                       \
+void NAME(T* x, int rows, int stride, int H, int D, const float* cos, const float* sin) {         \
+    const int half = D / 2;                                                                       \
+    _Pragma("omp parallel for schedule(static) if(rows >= PAR_ROWS)")                             \
+    for (int t = 0; t < rows; t++) {                                                              \
+        const float* c = cos + (int64_t)t * D;                                                    \
+        const float* s = sin + (int64_t)t * D;                                                    \
+        for (int h = 0; h < H; h++) {                                                             \
+            T* p = x + (int64_t)t * stride + h * D;                                               \
+            for (int i = 0; i < half; i++) {                                                      \
+                const float a = LOAD(p[i]), b = LOAD(p[i + half]);                                \
+                p[i] = STORE(a * c[i] - b * s[i]);                                                \
+                p[i + half] = STORE(b * c[i + half] + a * s[i + half]);                           \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
 }
 
-void rotary_bf16(uint16_t* x, int T, int stride, int H, int D, const float* cos, const float* sin) {
-    const int half = D / 2;
-    _Pragma("omp parallel for schedule(static) if(T >= PAR_ROWS)")
-    for (int t = 0; t < T; t++) {
-        const float* c = cos + (int64_t)t * D;
-        const float* s = sin + (int64_t)t * D;
-        for (int h = 0; h < H; h++) {
-            uint16_t* p = x + (int64_t)t * stride + h * D;
-            for (int i = 0; i < half; i++) {
-                const float a = bf(p[i]), b = bf(p[i + half]);
-                p[i] = to_bf(a * c[i] - b * s[i]);
-                p[i + half] = to_bf(b * c[i + half] + a * s[i + half]);
-            }
-        }
-    }
-}
+DEFINE_ADD_RMSNORM(add_rmsnorm_f32, float, ID, ID, ID)
+DEFINE_ADD_RMSNORM(add_rmsnorm_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
+DEFINE_SILU_MUL(silu_mul_f32, float, ID, ID, ID)
+DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
+DEFINE_ROTARY(rotary_f32, float, ID, ID)
+DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16)

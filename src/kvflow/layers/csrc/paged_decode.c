@@ -11,19 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 /* float8 e4m3fn -> float32 through a 256-entry table (1 KiB, stays in L1). */
 static float fp8_table[256];
@@ -114,7 +102,6 @@ void NAME(const QT* q, const CT* k_cache, const CT* v_cache, const int64_t* tabl
     }                                                                                                    \
 }
 
-#define ID(x) (x)
 /* name: paged_decode_<query dtype>_<cache dtype> */
 DEFINE_KERNEL(paged_decode_f32_f32, float, ID, ID, float, ID)
 DEFINE_KERNEL(paged_decode_f32_bf16, float, ID, ID, uint16_t, bf16_to_f32)
