@@ -104,7 +104,8 @@ def calibrate(model: str = "smollm2-135m", out: str | None = None, quick: bool =
     grid = dict(contexts=(128, 512), rows=(0, 4, 16), prefills=(0, 64, 256), repeats=2) if quick else {}
     samples = measure(llm, **grid)
     device = options.get("device", "cpu")
-    source = f"{model} on {cpu_model_name() if device == 'cpu' else device}"
+    import torch
+    source = f"{model} on {cpu_model_name() if device == 'cpu' else device}, {torch.get_num_threads()} threads"
     result = fit(samples, source=source)
     if out:
         result.save(out)

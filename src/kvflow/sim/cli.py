@@ -40,6 +40,8 @@ def add_sim_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--load-format", default=None, help="dummy: random weights (shapes are what matter)")
     c.add_argument("--out", default="kvflow-step-fit.json", help="where to write the fit (default %(default)s)")
     c.add_argument("--quick", action="store_true", help="a smaller grid (about 20 s here)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="torch threads (as --threads-per-instance gives each cluster instance; default torch's)")
     c.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("sweep", help="p99 latency and goodput against request rate, per policy; writes a plot")
@@ -190,6 +192,9 @@ def cmd_calibrate(args) -> int:
     options = {"device": args.device}
     if args.load_format:
         options["load_format"] = args.load_format
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     fit = calibrate(args.model, out=args.out, quick=args.quick, **options)
     print(f"step time = {fit.a * 1e3:.3f} ms + {fit.b * 1e6:.2f} us x prefill tokens + {fit.c * 1e6:.2f} us x decode rows"
           f" + {fit.d * 1e9:.2f} ns x context tokens   ({len(fit.samples)} steps, {fit.source}) -> {args.out}")
