@@ -311,7 +311,7 @@ def test_scales_to_zero_then_a_cold_start_serves_greedy_tokens(cluster, model_di
 
     from kvflow.cluster.policy import AutoscalePolicy
     client = cluster.client
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12)
     client.autoscale_policy = AutoscalePolicy(min_instances=0, max_instances=1, idle_timeout_s=0.3)
 
     async def autoscale(c):
@@ -325,7 +325,8 @@ def test_scales_to_zero_then_a_cold_start_serves_greedy_tokens(cluster, model_di
     started = len(client.cold_starts)
     out = cluster.generate(PROMPTS[1], params)[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
-    assert out.outputs[0].token_ids == hf_greedy(hf, _ids(cluster, PROMPTS[1]), 12)
+    got = out.outputs[0].token_ids
+    assert got == hf_greedy(hf, _ids(cluster, PROMPTS[1]), 12)[:len(got)] and (len(got) == 12 or got[-1] == 2)
     assert len(client.instances) == 1 and len(client.cold_starts) == started + 1
     cold = client.cold_starts[-1]
     assert cold.first_token_s is not None and cold.engine_s > 0

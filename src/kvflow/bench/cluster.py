@@ -3,7 +3,8 @@
     python -m kvflow.bench.cluster sessions [--sessions 8 --turns 3]   prefix-affinity vs round-robin
     python -m kvflow.bench.cluster skew                                 least-load with vs without migration
     python -m kvflow.bench.cluster cold                                 cold start from zero instances
-    python -m kvflow.bench.cluster replay --trace T [--num-blocks N]    replay a trace (validates kvflow sim)
+    python -m kvflow.bench.cluster replay --trace T [--sim-fit F]       replay a trace (validates kvflow sim)
+    python -m kvflow.bench.cluster calibrate --out F                    the sim's step fit, timed on the instances
 
 `sessions`: multi-turn ShareGPT conversations; each turn's prompt is the conversation so far (the
 previous prompt, the reply the model gave, the next human turn), sent when the previous turn ends.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 
 from kvflow.cluster.cluster import Cluster
@@ -210,9 +210,13 @@ def run_replay(args) -> None:
     results = {}
     for name in args.policies.split(","):
         cluster = Cluster(MODEL, instances=2, threads_per_instance=1, dispatch_policy=name,
-                          num_gpu_blocks=args.num_blocks or 512, max_model_len=2048, enable_migration=args.migration)
+                          num_gpu_blocks=args.num_blocks or 1024, max_model_len=2048, enable_migration=args.migration)
         cluster.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4))  # first steps' one-time costs
         client = cluster.client
+        fit_path = None
+        if args.calibrate:  # the step fit from these instances, right before they replay
+            fit_path = f"{args.out or 'replay'}.fit-{name}.json"
+            _calibrate_instances(cluster, fit_path, quick=True)
         before = client.instance_stats()
 
         async def replay(c, tag=name):
@@ -228,12 +232,12 @@ def run_replay(args) -> None:
         q = sum(after[k].prefix_cache_queries - before[k].prefix_cache_queries for k in after)
         h = sum(after[k].prefix_cache_hits - before[k].prefix_cache_hits for k in after)
         pre = sum(after[k].num_preemptions - before[k].num_preemptions for k in after)
-        results[name] = {**_summary(rows), "prefix_hit_rate": h / q if q else 0.0, "preemptions": pre,
+        results[name] = {**_summary(rows), "prefix_hit_rate": h / q if q else 0.0, "preemptions": pre, "fit": fit_path,
                          "ttft": [r["ttft"] for r in rows], "tpot": [r["tpot"] for r in rows]}
         print(name, json.dumps({k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)}),
               flush=True)
         cluster.stop()
-    if args.sim_fit:
+    if args.sim_fit or args.calibrate:
         _compare_with_sim(args, results)
     if args.out:
         with open(args.out, "w") as f:
@@ -249,11 +253,11 @@ def _compare_with_sim(args, real: dict) -> None:
     from kvflow.sim.cluster import ClusterConfig as SimConfig, simulate
     from kvflow.sim.instance import InstanceConfig
     from kvflow.sim.step_model import StepTimeModel
-    model = StepTimeModel.load(args.sim_fit)
-    print(f"| policy | metric | real | simulated | difference |\n|---|---|---|---|---|")
+    print("| policy | metric | real | simulated | difference |\n|---|---|---|---|---|")
     for name, res in real.items():
+        model = StepTimeModel.load(res["fit"] or args.sim_fit)
         config = SimConfig(num_instances=2, dispatch=name, migration=args.migration, max_model_len=2048,
-                           instance=InstanceConfig(num_blocks=args.num_blocks or 512))
+                           instance=InstanceConfig(num_blocks=args.num_blocks or 1024))
         done = simulate(config, model, wl.load_trace(args.trace, 16)).requests
         sim = {"ttft": [r.first_token_time - r.arrival for r in done],
                "tpot": [(r.finish_time - r.first_token_time) / (r.output_len - 1) for r in done if r.output_len > 1]}
@@ -262,7 +266,42 @@ def _compare_with_sim(args, real: dict) -> None:
             values = [v for v in res[metric] if metric == "ttft" or v > 0]
             for q in (50, 99):
                 a, b = float(np.percentile(values, q)), float(np.percentile(sim[metric], q))
-                print(f"| {name} | {metric.upper()} p{q} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {(b - a) / a * 100:+.0f}% |")
+                print(f"| {name} | {metric.upper()} p{q} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms "
+                      f"| {(b - a) / a * 100:+.0f}% |")
+
+
+# ---------------- calibrate: the simulator's step fit, measured on the cluster's instances ----------------
+def run_calibrate(args) -> None:
+    """`kvflow sim calibrate`'s grid, timed on both instances of a 2 x 1-thread cluster at once (each
+    on its engine thread): the steps cost what they cost when two instances share the machine, as
+    in the runs the simulator is compared with."""
+    cluster = Cluster(MODEL, instances=2, threads_per_instance=1, max_model_len=2048,
+                      enable_prefix_caching=False, num_gpu_blocks=args.num_blocks or 2304)
+    cluster.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4))
+    _calibrate_instances(cluster, args.out or "kvflow-step-fit.json", quick=False)
+    cluster.stop()
+
+
+def _calibrate_instances(cluster, out: str, quick: bool):
+    from functools import partial
+
+    from kvflow.cpu_info import cpu_model_name
+    from kvflow.sim.step_model import fit
+    client = cluster.client
+    refs = [h.actor.call.remote(partial(_measure_grid, quick=quick)) for h in client.instances.values()]
+    samples = [s for part in client.ray.get(refs) for s in part]
+    result = fit(samples, source=f"{MODEL} on {cpu_model_name()}, 1 thread, {len(refs)} instances of a cluster at once")
+    result.save(out)
+    print(f"step time = {result.a * 1e3:.3f} ms + {result.b * 1e6:.2f} us x prefill tokens + {result.c * 1e6:.2f} us "
+          f"x decode rows + {result.d * 1e9:.2f} ns x context tokens ({len(samples)} steps) -> {out}", flush=True)
+    return result
+
+
+def _measure_grid(engine, quick: bool = False) -> list[dict]:
+    from types import SimpleNamespace
+
+    from kvflow.sim.calibrate import QUICK_GRID, measure
+    return measure(SimpleNamespace(engine=engine), **(QUICK_GRID if quick else {}))
 
 
 # ---------------- cold start ----------------
@@ -297,14 +336,17 @@ async def _no_standby() -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m kvflow.bench.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=["sessions", "skew", "cold", "replay"])
+    p.add_argument("experiment", choices=["sessions", "skew", "cold", "replay", "calibrate"])
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--trace", default=None, help="sessions: write the trace here; replay: the trace to replay")
     p.add_argument("--policies", default="round-robin,prefix-affinity", help="replay: dispatch policies")
     p.add_argument("--migration", action="store_true", help="replay: live migration on")
-    p.add_argument("--out", default=None, help="replay: write per-policy figures (JSON) here")
+    p.add_argument("--out", default=None, help="replay: write per-policy figures (JSON) here; calibrate: the fit")
+    p.add_argument("--calibrate", action="store_true",
+                   help="replay: fit the step time on each cluster's instances right before it replays, "
+                        "and simulate with that fit")
     p.add_argument("--sim-fit", default=None, help="replay: also simulate the trace with this step-time fit, compare")
     p.add_argument("--burst", type=int, default=8, help="skew: long requests pinned to one instance")
     p.add_argument("--long-prompt", type=int, default=48)
@@ -314,13 +356,15 @@ def main(argv=None) -> None:
     p.add_argument("--short-len", type=int, default=32)
     p.add_argument("--gap", type=float, default=0.5)
     p.add_argument("--num-blocks", type=int, default=None,
-                   help="KV blocks (of 16 tokens) per instance (default: skew 64, replay 512)")
+                   help="KV blocks (of 16 tokens) per instance (default: skew 64, replay 1024)")
     p.add_argument("--migration-interval", type=float, default=0.2)
     p.add_argument("--cache-off-too", action="store_true", help="cold: also a run without the weight cache")
     p.add_argument("--no-standby", action="store_true", help="cold: no standby process (the process starts too)")
     p.add_argument("--migration-first", action="store_true", help="skew: the run with migration first")
     args = p.parse_args(argv)
-    {"sessions": run_sessions, "skew": run_skew, "cold": run_cold, "replay": run_replay}[args.experiment](args)
+    experiments = {"sessions": run_sessions, "skew": run_skew, "cold": run_cold, "replay": run_replay,
+                   "calibrate": run_calibrate}
+    experiments[args.experiment](args)
 
 
 if __name__ == "__main__":

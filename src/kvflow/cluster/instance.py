@@ -239,6 +239,11 @@ class EngineInstance:
                 "block_size": eng.block_pool.block_size, "dtype": eng.config.dtype, "device": eng.config.device,
                 "model_path": str(eng.model_path), "model_config": eng.model_config}
 
+    async def call(self, fn):
+        """fn(engine) on the engine thread between two steps (it holds the thread meanwhile); its
+        result. For tools that time the engine where it runs (`python -m kvflow.bench.cluster calibrate`)."""
+        return await self.async_engine.call(fn)
+
     async def health(self) -> bool:
         return self.async_engine.is_running
 
