@@ -209,14 +209,20 @@ def run_replay(args) -> None:
                [rng.randrange(100, 40000) for _ in range(int(r["prompt_len"]))] for r in trace]
     results = {}
     for name in args.policies.split(","):
-        cluster = Cluster(MODEL, instances=2, threads_per_instance=1, dispatch_policy=name,
-                          num_gpu_blocks=args.num_blocks or 1024, max_model_len=2048, enable_migration=args.migration)
-        cluster.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4))  # first steps' one-time costs
-        client = cluster.client
+        def start() -> Cluster:
+            c = Cluster(MODEL, instances=2, threads_per_instance=1, dispatch_policy=name,
+                        num_gpu_blocks=args.num_blocks or 1024, max_model_len=2048, enable_migration=args.migration)
+            c.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4))  # first steps' one-time costs
+            return c
+        cluster = start()
         fit_path = None
         if args.calibrate:  # the step fit from these instances, right before they replay
             fit_path = f"{args.out or 'replay'}.fit-{name}.json"
             _calibrate_instances(cluster, fit_path, quick=True)
+            if args.fresh_after_calibration:  # replay on new instances: nothing left from the calibration
+                cluster.stop()
+                cluster = start()
+        client = cluster.client
         before = client.instance_stats()
 
         async def replay(c, tag=name):
@@ -347,6 +353,8 @@ def main(argv=None) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="replay: fit the step time on each cluster's instances right before it replays, "
                         "and simulate with that fit")
+    p.add_argument("--fresh-after-calibration", action="store_true",
+                   help="replay --calibrate: replay on a new cluster, not on the instances just timed")
     p.add_argument("--sim-fit", default=None, help="replay: also simulate the trace with this step-time fit, compare")
     p.add_argument("--burst", type=int, default=8, help="skew: long requests pinned to one instance")
     p.add_argument("--long-prompt", type=int, default=48)
