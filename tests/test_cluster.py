@@ -4,6 +4,7 @@ tiny random-weight model serve every test but the server's (which joins the same
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -130,6 +131,64 @@ def test_migration_under_preemption_and_prefix_caching(cluster):
         assert free == total
 
 
+def test_abort_during_migration_stop_leaves_nothing_on_the_target(cluster, monkeypatch):
+    """The client aborts a request while its migration stops it, and the abort reaches the target
+    before the import does (a client that disconnects mid-move): the target must not go on running
+    the request unseen, holding its KV until max_tokens."""
+    import kvflow.cluster.client as client_module
+    params = SamplingParams(temperature=0.0, max_tokens=POOL["max_model_len"] - 40, ignore_eos=True)
+    prompt = _ids(cluster, PROMPTS[3])
+    real = client_module.live_migrate
+
+    async def abort_overtakes_import(src, dst, report, *args):
+        return await real(src, _AbortFirst(dst, cluster.client, report.request_id), report, *args)
+    monkeypatch.setattr(client_module, "live_migrate", abort_overtakes_import)
+
+    async def scenario(c):
+        stream = await c.add_request("orphan", prompt, params)
+        tokens = []
+        async for delta in stream:
+            tokens += delta.outputs[0].token_ids
+            if len(tokens) >= 20:
+                break
+        source = c.routes["orphan"].instance_id
+        target = next(i for i in c.instances if i != source)
+        return await c.migrate("orphan", target), target
+
+    report, target = cluster.run(scenario)
+    assert report.stages >= 1 and "orphan" not in cluster.client.routes
+    generated = _stats(cluster, target).generation_tokens_total
+    for iid in cluster.instance_ids:
+        free, total = _free(cluster, iid)
+        assert free == total, (iid, free, total)
+    # an orphan would have run on to max_tokens (~250 more tokens) before freeing its blocks
+    assert _stats(cluster, target).generation_tokens_total - generated < 20
+
+
+class _AbortFirst:
+    """A migration target whose finish_import is preceded by the client's abort of the request."""
+
+    def __init__(self, actor, client, request_id):
+        self._actor, self._client, self._request_id = actor, client, request_id
+
+    def __getattr__(self, name):
+        return getattr(self._actor, name)
+
+    @property
+    def finish_import(self):
+        actor, client, rid = self._actor, self._client, self._request_id
+
+        async def abort_then_import(*args):
+            client.abort(rid)  # sent to the source and to the target (route.migrating)
+            await actor.health.remote()  # the target has handled the abort
+            return await actor.finish_import.remote(*args)
+        return type("Method", (), {"remote": staticmethod(abort_then_import)})()
+
+
+def _stats(cluster, iid: str):
+    return ray.get(cluster.client.instances[iid].actor.poll.remote(0)).stats
+
+
 def _preemptions(cluster) -> int:
     return sum(ray.get(h.actor.poll.remote(0)).stats.num_preemptions for h in cluster.client.instances.values())
 
@@ -231,5 +290,44 @@ def test_openai_client_streams_from_kvflow_serve_instances(model_dir, cluster):
         metrics = srv.metrics()
         per_instance = [k for k in metrics if k.startswith("kvflow:instance_kv_cache_total_blocks{")]
         assert len(per_instance) == 2 and metrics["kvflow:kv_cache_total_blocks"] == 80
+        # SIGTERM drains: the stream in flight finishes (same text), then the server exits cleanly
+        drained = client.completions.create(model=str(model_dir), prompt=PROMPTS[0], max_tokens=12,
+                                            temperature=0.0, stream=True)
+        first = next(iter(drained))
+        srv.proc.send_signal(signal.SIGTERM)
+        rest = list(drained)
+        assert "".join(c.choices[0].text for c in [first, *rest] if c.choices) == text
+        assert srv.proc.wait(30) == 0, srv.log()[-3000:]
+        assert "Traceback" not in srv.log(), srv.log()[-3000:]
     finally:
         srv.close()
+
+
+def test_scales_to_zero_then_a_cold_start_serves_greedy_tokens(cluster, model_dir):
+    """Autoscaling with min_instances 0: the idle instance is drained and stopped, the next request
+    waits for a new instance (a cold start, on the standby process the autoscaler keeps) and gets
+    transformers' greedy tokens. (Last: it leaves the autoscaler running.)"""
+    import transformers
+
+    from kvflow.cluster.policy import AutoscalePolicy
+    client = cluster.client
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    client.autoscale_policy = AutoscalePolicy(min_instances=0, max_instances=1, idle_timeout_s=0.3)
+
+    async def autoscale(c):
+        await c._keep_standby()  # as ClusterClient.start does with autoscaling on
+        c._spawn(c._autoscale_loop())
+    cluster.run(autoscale, timeout=60)
+    deadline = time.monotonic() + 20
+    while client.instances and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not client.instances, "the idle instance was not removed"
+    started = len(client.cold_starts)
+    out = cluster.generate(PROMPTS[1], params)[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
+    got = out.outputs[0].token_ids
+    assert got == hf_greedy(hf, _ids(cluster, PROMPTS[1]), 12)[:len(got)] and (len(got) == 12 or got[-1] == 2)
+    assert len(client.instances) == 1 and len(client.cold_starts) == started + 1
+    cold = client.cold_starts[-1]
+    assert cold.first_token_s is not None and cold.engine_s > 0
+    assert cold.process_s < 1.0, "the cold start did not use the standby process"

@@ -3,6 +3,8 @@
     python -m kvflow.bench.cluster sessions [--sessions 8 --turns 3]   prefix-affinity vs round-robin
     python -m kvflow.bench.cluster skew                                 least-load with vs without migration
     python -m kvflow.bench.cluster cold                                 cold start from zero instances
+    python -m kvflow.bench.cluster replay --trace T [--sim-fit F]       replay a trace (validates kvflow sim)
+    python -m kvflow.bench.cluster calibrate --out F                    the sim's step fit, timed on the instances
 
 `sessions`: multi-turn ShareGPT conversations; each turn's prompt is the conversation so far (the
 previous prompt, the reply the model gave, the next human turn), sent when the previous turn ends.
@@ -11,8 +13,10 @@ the prefix-cache hit rate over both instances, TTFT p50/p99. `--trace FILE` also
 requests as JSON lines (arrival, prompt_token_ids, output_len) for `kvflow sim run --trace`.
 
 `skew`: a burst of long requests lands on one instance (pinned), then short ones arrive through
-least-load; run once with live migration off, once on. Reports TTFT and TPOT p50/p99 and the
-migrations (count, mean downtime).
+least-load; run once with live migration off, once on. The KV pools are small (--num-blocks), so
+the burst outgrows its instance's pool: without migration it preempts, with migration the policy
+moves requests away once that instance passes the high watermark. Reports TTFT and TPOT p50/p99,
+preemptions and the migrations (count, downtime and tokens copied ahead / during the stop each).
 
 `cold`: an autoscaled cluster (--min-instances 0) is left to scale to zero; one request then waits
 for a new instance. Reports the cold start's breakdown and its TTFT, first without the weight cache
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 
 from kvflow.cluster.cluster import Cluster
@@ -120,23 +123,45 @@ def run_sessions(args) -> None:
 
 # ---------------- skew: least-load with and without migration ----------------
 def run_skew(args) -> None:
+    """Small KV pools (--num-blocks per instance) so that the burst pinned on one instance outgrows
+    it: without migration that instance preempts (a preempted request waits, then recomputes), with
+    migration the policy moves requests to the other instance once its virtual usage passes the
+    high watermark."""
     cluster = Cluster(MODEL, instances=2, threads_per_instance=1, dispatch_policy="least-load",
-                      migration_interval=0.2)
+                      migration_interval=args.migration_interval, num_gpu_blocks=args.num_blocks or 64,
+                      max_model_len=1024, enable_prefix_caching=False)
     client = cluster.client
     tok = client.tokenizer
-    for migrate in (False, True):
+    cluster.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4))  # first steps' one-time costs
+    for k, migrate in enumerate((True, False) if args.migration_first else (False, True)):
         client.cluster.enable_migration = migrate
-        rows = cluster.run(lambda c: _skewed_burst(c, tok, args, "mig" if migrate else "nomig"))
+        before = _preemptions(client)
+        t0 = time.perf_counter()
+        rows = cluster.run(lambda c: _skewed_burst(c, tok, args, "mig" if migrate else "nomig", 1000 * k))
+        wall = time.perf_counter() - t0
         moved = [m for m in client.migrations if m.moved]
-        res = {**_summary(rows), "migrations": len(moved),
-               "downtime_ms_mean": statistics.mean(m.downtime_s for m in moved) * 1e3 if moved else 0.0}
+        longs = [r for r in rows if r["kind"] == "long"]
+        shorts = [r for r in rows if r["kind"] == "short"]
+        res = {**_summary(rows), "long_tpot_p99": _summary(longs)["tpot_p99"],
+               "short_ttft_p99": _summary(shorts)["ttft_p99"], "preemptions": _preemptions(client) - before,
+               "migrations": len(moved), "migrations_failed": len(client.migrations) - len(moved),
+               "downtime_ms": [round(m.downtime_s * 1e3, 1) for m in moved],
+               "tokens_ahead": [m.tokens_ahead for m in moved], "tokens_stopped": [m.tokens_stopped for m in moved],
+               "wall_s": wall}
         print("least-load" + (" + migration" if migrate else ""),
-              json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
+              json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}), flush=True)
         client.migrations.clear()
     cluster.stop()
 
 
-async def _skewed_burst(c, tok, args, tag: str) -> list[dict]:
+def _preemptions(client) -> int:
+    return sum(h.stats.num_preemptions for h in client.instances.values())
+
+
+async def _skewed_burst(c, tok, args, tag: str, offset: int) -> list[dict]:
+    """args.burst long requests pinned to the first instance at once, then args.shorts short ones
+    through the real policy, args.gap seconds apart. Every prompt starts with its own token (no
+    prefix-cache sharing, within a run or across the two)."""
     first = next(iter(c.instances))
     policy = c.dispatch_policy
 
@@ -151,51 +176,203 @@ async def _skewed_burst(c, tok, args, tag: str) -> list[dict]:
             pass
 
     base = tok.encode("Write a long essay about the history of computing, from the abacus to the cloud. ",
-                      add_special_tokens=False)
-    long_params = SamplingParams(temperature=0.0, max_tokens=args.long_len, ignore_eos=True)
-    short_params = SamplingParams(temperature=0.0, max_tokens=args.short_len, ignore_eos=True)
+                      add_special_tokens=False) * 64
+
+    def prompt(i: int, n: int) -> list[int]:
+        return [1000 + offset + i] + base[:n - 1]
+
+    async def one(kind: str, i: int, n_prompt: int, n_out: int) -> dict:
+        params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+        row = await _timed(c, prompt(i, n_prompt), params, f"{tag}-{kind}-{i}")
+        return {**row, "kind": kind}
+
     c.dispatch_policy = Pin()
-    long_runs = [asyncio.ensure_future(_timed(c, base * 4 + [100 + i], long_params, f"{tag}-long-{i}"))
-                 for i in range(args.burst)]
+    long_runs = [asyncio.ensure_future(one("long", i, args.long_prompt, args.long_len)) for i in range(args.burst)]
     await asyncio.sleep(0.3)
     c.dispatch_policy = policy
     short_runs = []
-    for i in range(args.burst):
-        short_runs.append(asyncio.ensure_future(_timed(c, base * 2 + [200 + i], short_params, f"{tag}-short-{i}")))
+    for i in range(args.shorts):
+        short_runs.append(asyncio.ensure_future(one("short", 100 + i, args.short_prompt, args.short_len)))
         await asyncio.sleep(args.gap)
     return list(await asyncio.gather(*long_runs, *short_runs))
 
 
+# ---------------- replay: a recorded trace, for the simulator's validation ----------------
+def run_replay(args) -> None:
+    """Replay a JSON-lines trace (arrival, prompt_token_ids or prompt_len, output_len) open-loop on
+    a fresh 2 x 1-thread cluster per policy; `kvflow sim run --trace` replays the same file. Prints
+    and (--out) writes TTFT/TPOT p50/p99 per policy, with the per-request figures."""
+    import random
+    trace = [json.loads(line) for line in open(args.trace) if line.strip()]
+    rng = random.Random(0)
+    prompts = [r["prompt_token_ids"] if "prompt_token_ids" in r else
+               [rng.randrange(100, 40000) for _ in range(int(r["prompt_len"]))] for r in trace]
+    results = {}
+    for name in args.policies.split(","):
+        def start() -> Cluster:
+            c = Cluster(MODEL, instances=2, threads_per_instance=1, dispatch_policy=name,
+                        num_gpu_blocks=args.num_blocks or 1024, max_model_len=2048, enable_migration=args.migration)
+            c.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4))  # first steps' one-time costs
+            return c
+        cluster = start()
+        fit_path = None
+        if args.calibrate:  # the step fit from these instances, right before they replay
+            fit_path = f"{args.out or 'replay'}.fit-{name}.json"
+            _calibrate_instances(cluster, fit_path, quick=True)
+            if args.fresh_after_calibration:  # replay on new instances: nothing left from the calibration
+                cluster.stop()
+                cluster = start()
+        client = cluster.client
+        before = client.instance_stats()
+
+        async def replay(c, tag=name):
+            t0 = time.perf_counter()
+
+            async def one(i, rec):
+                await asyncio.sleep(max(0.0, float(rec["arrival"]) - (time.perf_counter() - t0)))
+                params = SamplingParams(temperature=0.0, max_tokens=int(rec["output_len"]), ignore_eos=True)
+                return await _timed(c, prompts[i], params, f"{tag}-{i}")
+            return await asyncio.gather(*(one(i, rec) for i, rec in enumerate(trace)))
+        rows = cluster.run(replay)
+        after = client.instance_stats()
+        q = sum(after[k].prefix_cache_queries - before[k].prefix_cache_queries for k in after)
+        h = sum(after[k].prefix_cache_hits - before[k].prefix_cache_hits for k in after)
+        pre = sum(after[k].num_preemptions - before[k].num_preemptions for k in after)
+        results[name] = {**_summary(rows), "prefix_hit_rate": h / q if q else 0.0, "preemptions": pre, "fit": fit_path,
+                         "ttft": [r["ttft"] for r in rows], "tpot": [r["tpot"] for r in rows]}
+        print(name, json.dumps({k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)}),
+              flush=True)
+        cluster.stop()
+    if args.sim_fit or args.calibrate:
+        _compare_with_sim(args, results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f)
+
+
+def _compare_with_sim(args, real: dict) -> None:
+    """The simulator on the same trace, instances and policies; p50/p99 of both computed the same way
+    (numpy's linear interpolation over the per-request figures)."""
+    import numpy as np
+
+    from kvflow.sim import workload as wl
+    from kvflow.sim.cluster import ClusterConfig as SimConfig, simulate
+    from kvflow.sim.instance import InstanceConfig
+    from kvflow.sim.step_model import StepTimeModel
+    print("| policy | metric | real | simulated | difference |\n|---|---|---|---|---|")
+    for name, res in real.items():
+        model = StepTimeModel.load(res["fit"] or args.sim_fit)
+        config = SimConfig(num_instances=2, dispatch=name, migration=args.migration, max_model_len=2048,
+                           instance=InstanceConfig(num_blocks=args.num_blocks or 1024))
+        done = simulate(config, model, wl.load_trace(args.trace, 16)).requests
+        sim = {"ttft": [r.first_token_time - r.arrival for r in done],
+               "tpot": [(r.finish_time - r.first_token_time) / (r.output_len - 1) for r in done if r.output_len > 1]}
+        res["sim"] = sim
+        for metric in ("ttft", "tpot"):
+            values = [v for v in res[metric] if metric == "ttft" or v > 0]
+            for q in (50, 99):
+                a, b = float(np.percentile(values, q)), float(np.percentile(sim[metric], q))
+                print(f"| {name} | {metric.upper()} p{q} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms "
+                      f"| {(b - a) / a * 100:+.0f}% |")
+
+
+# ---------------- calibrate: the simulator's step fit, measured on the cluster's instances ----------------
+def run_calibrate(args) -> None:
+    """`kvflow sim calibrate`'s grid, timed on both instances of a 2 x 1-thread cluster at once (each
+    on its engine thread): the steps cost what they cost when two instances share the machine, as
+    in the runs the simulator is compared with."""
+    cluster = Cluster(MODEL, instances=2, threads_per_instance=1, max_model_len=2048,
+                      enable_prefix_caching=False, num_gpu_blocks=args.num_blocks or 2304)
+    cluster.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4))
+    _calibrate_instances(cluster, args.out or "kvflow-step-fit.json", quick=False)
+    cluster.stop()
+
+
+def _calibrate_instances(cluster, out: str, quick: bool):
+    from functools import partial
+
+    from kvflow.cpu_info import cpu_model_name
+    from kvflow.sim.step_model import fit
+    client = cluster.client
+    refs = [h.actor.call.remote(partial(_measure_grid, quick=quick)) for h in client.instances.values()]
+    samples = [s for part in client.ray.get(refs) for s in part]
+    result = fit(samples, source=f"{MODEL} on {cpu_model_name()}, 1 thread, {len(refs)} instances of a cluster at once")
+    result.save(out)
+    print(f"step time = {result.a * 1e3:.3f} ms + {result.b * 1e6:.2f} us x prefill tokens + {result.c * 1e6:.2f} us "
+          f"x decode rows + {result.d * 1e9:.2f} ns x context tokens ({len(samples)} steps) -> {out}", flush=True)
+    return result
+
+
+def _measure_grid(engine, quick: bool = False) -> list[dict]:
+    from types import SimpleNamespace
+
+    from kvflow.sim.calibrate import QUICK_GRID, measure
+    return measure(SimpleNamespace(engine=engine), **(QUICK_GRID if quick else {}))
+
+
 # ---------------- cold start ----------------
 def run_cold(args) -> None:
-    for cache in (False, True):
-        cluster = Cluster(MODEL, instances=1, min_instances=0, max_instances=1, idle_timeout=1.0, weight_cache=cache)
+    """The standby process (started by the autoscaler, imports and tokenizer done, no engine) is
+    part of the design: the request is sent once it is ready, as a request after a quiet spell
+    would find it. --no-standby measures a cold start that starts its process too."""
+    for cache in ((False, True) if args.cache_off_too else (True,)):
+        cluster = Cluster(MODEL, instances=1, min_instances=0, max_instances=1, idle_timeout=1.0, weight_cache=cache,
+                          max_model_len=2048)
         client = cluster.client
-        while client.instances:
+        while client.instances or client._standby is None:
             time.sleep(0.1)
+        if args.no_standby:  # stop the standby and start none: the cold start starts its process
+            client._keep_standby = _no_standby
+            client.ray.kill(client._standby[1])
+            client._standby = None
         ids = client.tokenizer.encode("The three most useful things to know about the solar system are")
         row = cluster.run(lambda c: _timed(c, ids, SamplingParams(temperature=0.0, max_tokens=8), f"cold-{cache}"))
         cold = client.cold_starts[-1]
-        print(f"weight cache {'on' if cache else 'off'}: cold-start TTFT {row['ttft']:.2f} s = actor/process start "
+        print(f"weight cache {'on' if cache else 'off'}, standby {'off' if args.no_standby else 'on'}: "
+              f"cold-start TTFT {row['ttft']:.2f} s = actor/process start "
               f"{cold.process_s:.2f} s + engine and weights {cold.engine_s:.2f} s + first token "
               f"{row['ttft'] - cold.total_s:.2f} s")
         cluster.stop()
 
 
+async def _no_standby() -> None:
+    return None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m kvflow.bench.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=["sessions", "skew", "cold"])
+    p.add_argument("experiment", choices=["sessions", "skew", "cold", "replay", "calibrate"])
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--trace", default=None)
-    p.add_argument("--burst", type=int, default=4)
-    p.add_argument("--long-len", type=int, default=160)
+    p.add_argument("--trace", default=None, help="sessions: write the trace here; replay: the trace to replay")
+    p.add_argument("--policies", default="round-robin,prefix-affinity", help="replay: dispatch policies")
+    p.add_argument("--migration", action="store_true", help="replay: live migration on")
+    p.add_argument("--out", default=None, help="replay: write per-policy figures (JSON) here; calibrate: the fit")
+    p.add_argument("--calibrate", action="store_true",
+                   help="replay: fit the step time on each cluster's instances right before it replays, "
+                        "and simulate with that fit")
+    p.add_argument("--fresh-after-calibration", action="store_true",
+                   help="replay --calibrate: replay on a new cluster, not on the instances just timed")
+    p.add_argument("--sim-fit", default=None, help="replay: also simulate the trace with this step-time fit, compare")
+    p.add_argument("--burst", type=int, default=8, help="skew: long requests pinned to one instance")
+    p.add_argument("--long-prompt", type=int, default=48)
+    p.add_argument("--long-len", type=int, default=128)
+    p.add_argument("--shorts", type=int, default=6, help="skew: short requests through least-load")
+    p.add_argument("--short-prompt", type=int, default=32)
     p.add_argument("--short-len", type=int, default=32)
     p.add_argument("--gap", type=float, default=0.5)
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks (of 16 tokens) per instance (default: skew 64, replay 1024)")
+    p.add_argument("--migration-interval", type=float, default=0.2)
+    p.add_argument("--cache-off-too", action="store_true", help="cold: also a run without the weight cache")
+    p.add_argument("--no-standby", action="store_true", help="cold: no standby process (the process starts too)")
+    p.add_argument("--migration-first", action="store_true", help="skew: the run with migration first")
     args = p.parse_args(argv)
-    {"sessions": run_sessions, "skew": run_skew, "cold": run_cold}[args.experiment](args)
+    experiments = {"sessions": run_sessions, "skew": run_skew, "cold": run_cold, "replay": run_replay,
+                   "calibrate": run_calibrate}
+    experiments[args.experiment](args)
 
 
 if __name__ == "__main__":

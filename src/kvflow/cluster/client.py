@@ -561,8 +561,8 @@ class ClusterClient(ServingLifecycle):
         finally:
             route.migrating = None
         self.migrations.append(report)
-        if report.moved and request_id not in self.routes:  # aborted during the move
-            dst.actor.abort.remote(request_id)
+        if request_id not in self.routes:  # aborted during the move: the abort may have reached the
+            dst.actor.abort.remote(request_id)  # target before the import, so the target holds it unseen
         logger.info("migration %s %s -> %s (%s): %s, %d stages, downtime %.1f ms", request_id, source, target,
                     reason, "moved" if report.moved else f"stayed ({report.failure})", report.stages,
                     report.downtime_s * 1e3)

@@ -196,8 +196,23 @@ class EngineInstance:
         self._build = (options, threads, weight_cache)
         self.reservations: dict[str, KVReservation] = {}
         self.load_seconds = 0.0
-        if not standby:
+        self.warm_up_seconds = 0.0
+        if standby:
+            self._warm_up()
+        else:
             self._build_engine()
+
+    def _warm_up(self) -> None:
+        """A standby process pays ahead what a process's first engine build pays once beyond its
+        imports: transformers' tokenizer modules and the tokenizer files (a GGUF's is converted
+        once and cached on disk; reading it back still takes a second or more here)."""
+        from kvflow.model.loader import load_tokenizer
+        t0 = time.perf_counter()
+        try:
+            load_tokenizer(self._build[0]["model"])
+        except Exception:  # noqa: BLE001 - the engine build will report it
+            logger.exception("standby warm-up failed")
+        self.warm_up_seconds = time.perf_counter() - t0
 
     def _build_engine(self) -> None:
         options, threads, weight_cache = self._build
@@ -223,6 +238,11 @@ class EngineInstance:
                 "max_model_len": eng.config.scheduler.max_model_len, "num_blocks": eng.block_pool.num_blocks,
                 "block_size": eng.block_pool.block_size, "dtype": eng.config.dtype, "device": eng.config.device,
                 "model_path": str(eng.model_path), "model_config": eng.model_config}
+
+    async def call(self, fn):
+        """fn(engine) on the engine thread between two steps (it holds the thread meanwhile); its
+        result. For tools that time the engine where it runs (`python -m kvflow.bench.cluster calibrate`)."""
+        return await self.async_engine.call(fn)
 
     async def health(self) -> bool:
         return self.async_engine.is_running
@@ -314,7 +334,11 @@ class EngineInstance:
     async def release(self, request_id: str) -> None:
         ae = self.async_engine
         ae.untrack(request_id)
-        await ae.call(lambda eng: eng.release_request(request_id))
+
+        def release(eng: LLMEngine) -> None:
+            if request_id in eng.parents:  # (an abort during the stop has freed it already)
+                eng.release_request(request_id)
+        await ae.call(release)
 
     # ---- live migration, target side ----
     async def reserve_stage(self, migration_id: str, start: int, kv: list[torch.Tensor]) -> None:

@@ -42,6 +42,7 @@ async def live_migrate(src, dst, report: MigrationReport, migration_id: str, blo
     holds the request (before the source lets go). Returns the filled-in report."""
     t0 = time.perf_counter()
     rid = report.request_id
+    suspended = imported = False
     try:
         copied = await _copy_ahead(src, dst, report, migration_id, block_size)
         if copied is None:
@@ -54,23 +55,28 @@ async def live_migrate(src, dst, report: MigrationReport, migration_id: str, blo
             report.failure = "the request finished during the copy"
             await dst.cancel.remote(migration_id)
             return report
-        try:
-            await dst.finish_import.remote(migration_id, exported, seq)
-        except Exception:
-            await src.resume.remote(rid)
-            raise
+        suspended = True
+        await dst.finish_import.remote(migration_id, exported, seq)
+        imported = True
         report.downtime_s = time.perf_counter() - stop
         report.tokens_stopped = sum(kv[0].shape[2] for kv in exported.kv if kv)
         report.tokens_ahead = exported.kv_from
         on_moved()
         await src.release.remote(rid)
         report.moved = True
-    except Exception as e:  # noqa: BLE001 - a failed migration leaves the request on the source
+    except BaseException as e:  # a failed migration leaves the request on the source
         report.failure = f"{type(e).__name__}: {_message(e)}"
-        try:
-            await dst.cancel.remote(migration_id)
-        except Exception:  # noqa: BLE001 - the target may be gone
-            pass
+        # Not awaited: this also runs when the migration is cancelled (shutdown), and neither
+        # instance may be left holding the request's blocks, or the request suspended.
+        if imported:  # it runs on the target now: the source must let go
+            src.release.remote(rid)
+            report.moved = True
+        elif suspended:
+            src.resume.remote(rid)
+        if not imported:
+            dst.cancel.remote(migration_id)
+        if not isinstance(e, Exception):
+            raise
     finally:
         report.total_s = time.perf_counter() - t0
     return report

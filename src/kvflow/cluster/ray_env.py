@@ -37,6 +37,9 @@ def preload_worker() -> None:
 
         import kvflow.cluster.instance  # noqa: F401 - torch and the engine with it
         import kvflow.model.loader  # noqa: F401
+        import torch
+        with torch.device("meta"):  # the model is built on meta: its first init imports torch._dynamo (~1-3 s)
+            torch.nn.Embedding(2, 2)
     except Exception:  # noqa: BLE001 - a failed preload only costs the time it would have saved
         logger.exception("worker preload failed")
 

@@ -21,6 +21,7 @@ CONTEXTS = (128, 512, 1024)
 ROWS = (0, 1, 8, 32)
 PREFILLS = (0, 64, 256)
 DECODE_REPEATS = 3
+QUICK_GRID = dict(contexts=(128, 512), rows=(0, 4, 16), prefills=(0, 64, 256), repeats=2)
 
 
 def _shape(sched) -> dict:
@@ -101,10 +102,11 @@ def calibrate(model: str = "smollm2-135m", out: str | None = None, quick: bool =
     llm = LLM(model=model, **options)
     # warm-up: first steps pay one-time costs (kernel choice, allocator)
     llm.generate(["warm up"] * 2, SamplingParams(max_tokens=4))
-    grid = dict(contexts=(128, 512), rows=(0, 4, 16), prefills=(0, 64, 256), repeats=2) if quick else {}
+    grid = QUICK_GRID if quick else {}
     samples = measure(llm, **grid)
     device = options.get("device", "cpu")
-    source = f"{model} on {cpu_model_name() if device == 'cpu' else device}"
+    import torch
+    source = f"{model} on {cpu_model_name() if device == 'cpu' else device}, {torch.get_num_threads()} threads"
     result = fit(samples, source=source)
     if out:
         result.save(out)

@@ -40,6 +40,11 @@ def add_sim_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--load-format", default=None, help="dummy: random weights (shapes are what matter)")
     c.add_argument("--out", default="kvflow-step-fit.json", help="where to write the fit (default %(default)s)")
     c.add_argument("--quick", action="store_true", help="a smaller grid (about 20 s here)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="torch threads (as --threads-per-instance gives each cluster instance; default torch's)")
+    c.add_argument("--concurrent", type=int, default=1,
+                   help="time this many engines at once, each in its own process (as a cluster's instances "
+                        "share one machine: their steps slow each other down); one fit over all their steps")
     c.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("sweep", help="p99 latency and goodput against request rate, per policy; writes a plot")
@@ -190,10 +195,45 @@ def cmd_calibrate(args) -> int:
     options = {"device": args.device}
     if args.load_format:
         options["load_format"] = args.load_format
-    fit = calibrate(args.model, out=args.out, quick=args.quick, **options)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.concurrent > 1:
+        fit = _calibrate_concurrently(args, options)
+    else:
+        fit = calibrate(args.model, out=args.out, quick=args.quick, **options)
     print(f"step time = {fit.a * 1e3:.3f} ms + {fit.b * 1e6:.2f} us x prefill tokens + {fit.c * 1e6:.2f} us x decode rows"
           f" + {fit.d * 1e9:.2f} ns x context tokens   ({len(fit.samples)} steps, {fit.source}) -> {args.out}")
     return 0
+
+
+def _calibrate_concurrently(args, options: dict) -> StepTimeModel:
+    """args.concurrent - 1 more `kvflow sim calibrate` processes beside this one, started together;
+    the fit is over every process's measured steps."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from kvflow.sim.calibrate import calibrate
+    from kvflow.sim.step_model import fit as fit_steps
+    tmp = Path(tempfile.mkdtemp(prefix="kvflow-calibrate-"))
+    cmd = [sys.executable, "-m", "kvflow.entrypoints.cli", "sim", "calibrate", "--model", args.model,
+           "--device", args.device] + (["--quick"] if args.quick else []) + (
+           ["--threads", str(args.threads)] if args.threads else []) + (
+           ["--load-format", args.load_format] if args.load_format else [])
+    others = [subprocess.Popen(cmd + ["--out", str(tmp / f"{i}.json")], stdout=subprocess.DEVNULL)
+              for i in range(args.concurrent - 1)]
+    mine = calibrate(args.model, quick=args.quick, **options)
+    samples = list(mine.samples)
+    for i, proc in enumerate(others):
+        if proc.wait() != 0:
+            from kvflow.errors import ConfigError
+            raise ConfigError(f"calibration process {i + 1} of {args.concurrent} failed (exit {proc.returncode})")
+        samples += StepTimeModel.load(tmp / f"{i}.json").samples
+    result = fit_steps(samples, source=f"{mine.source}, {args.concurrent} engines at once")
+    result.save(args.out)
+    return result
 
 
 def cmd_sweep(args) -> int:
