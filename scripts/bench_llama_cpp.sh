@@ -60,6 +60,9 @@ import sys
 from kvflow.bench.perplexity import sharegpt_text
 open(sys.argv[1], "w", encoding="utf-8").write(sharegpt_text(None, max_chars=int(sys.argv[2]) * 8))
 EOF
+  # llama.cpp's own tokens of that text, for kvflow to score too: the two tokenizers differ ("\n\n" is one
+  # token in llama.cpp, two in kvflow's), so the same text is not the same token sequence.
+  "$BIN/llama-tokenize" -m "$Q4_1" -f "$OUT/sharegpt.txt" --ids --log-disable 2>/dev/null | tail -1 > "$OUT/sharegpt-llama.ids"
   for ty in F32 BF16 Q8_0 Q4_1; do
     say "llama-perplexity $ty"
     $LOCK "$BIN/llama-perplexity" -m "$(model $ty)" -t $T -f "$OUT/sharegpt.txt" -c 384 -b 384 --ppl-stride 256 \
@@ -85,6 +88,11 @@ run_kvflow() {
   kv ppl-int8 $ppl --dtype bfloat16 --quantization int8 --json "$OUT/ppl-int8.json"
   kv ppl-f32-int8 $ppl --dtype float32 --quantization int8 --json "$OUT/ppl-f32-int8.json"
   kv ppl-auto $ppl --dtype bfloat16 --quantization auto --json "$OUT/ppl-auto.json"
+  if [ -f "$OUT/sharegpt-llama.ids" ]; then  # the same windows on llama.cpp's tokens (run the peer part first)
+    ppl="perplexity --dataset $OUT/sharegpt-llama.ids --num-tokens $NUM_TOKENS --reference-file $OUT/ppl-ids-f32-reference.json"
+    kv ppl-ids-a $ppl --dtype bfloat16 --quantization none int8 --json "$OUT/ppl-ids-a.json"
+    kv ppl-ids-b $ppl --dtype bfloat16 --quantization auto --json "$OUT/ppl-ids-b.json"
+  fi
 }
 
 case $WHAT in

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-server, llama-bench, llama-batched-bench, llama-perplexity and llama-quantize (CPU,
+# Builds llama.cpp's llama-server, llama-bench, llama-batched-bench, llama-perplexity, llama-quantize and llama-tokenize (CPU,
 # native) from the llama.cpp source that PyPI's llama-cpp-python sdist carries, so a peer can be measured beside
 # kvflow on the same machine. About 6-10 minutes on 2 cores (run it under `nice`, not under the measurement
 # lock). Usage: scripts/build_llama_cpp.sh [DEST]   (default /tmp/llama.cpp)
@@ -7,7 +7,7 @@
 # scripts/bench_llama_cpp.sh measures the peer (and checks for the AMX SIGILL this build can hit on some VMs).
 set -euo pipefail
 DEST=${1:-/tmp/llama.cpp}
-TARGETS=(llama-server llama-bench llama-batched-bench llama-perplexity llama-quantize)
+TARGETS=(llama-server llama-bench llama-batched-bench llama-perplexity llama-quantize llama-tokenize)
 missing=0
 for t in "${TARGETS[@]}"; do [ -x "$DEST/build/bin/$t" ] || missing=1; done
 if [ "$missing" = 1 ]; then
