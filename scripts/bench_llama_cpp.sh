@@ -15,6 +15,8 @@
 # OUT/sharegpt.txt); llama-perplexity's strided mode (--ppl-stride) scores, like kvflow, the last 256
 # tokens of windows of 512 that start every 256 tokens. It widens the window to -c + stride/2, hence
 # -c 384 -b 384 for a window of 512; --chunks 63 = the 63 windows of kvflow's --num-tokens 16384.
+# --no-escape: llama.cpp otherwise turns a literal backslash-n of the text into a newline (ShareGPT has one,
+# near token 9,500), and every later window would be one token off kvflow's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/bench_llama_cpp.sh OUT [peer|kvflow|all]}
@@ -62,11 +64,11 @@ open(sys.argv[1], "w", encoding="utf-8").write(sharegpt_text(None, max_chars=int
 EOF
   # llama.cpp's own tokens of that text, for kvflow to score too: the two tokenizers differ ("\n\n" is one
   # token in llama.cpp, two in kvflow's), so the same text is not the same token sequence.
-  "$BIN/llama-tokenize" -m "$Q4_1" -f "$OUT/sharegpt.txt" --ids --log-disable 2>/dev/null | tail -1 > "$OUT/sharegpt-llama.ids"
+  "$BIN/llama-tokenize" -m "$Q4_1" -f "$OUT/sharegpt.txt" --no-escape --ids --log-disable 2>/dev/null | tail -1 > "$OUT/sharegpt-llama.ids"
   for ty in F32 BF16 Q8_0 Q4_1; do
     say "llama-perplexity $ty"
     $LOCK "$BIN/llama-perplexity" -m "$(model $ty)" -t $T -f "$OUT/sharegpt.txt" -c 384 -b 384 --ppl-stride 256 \
-      --chunks $CHUNKS "${COMMON_REPACK[@]}" > "$OUT/llama-perplexity-$ty.txt" 2>&1
+      --chunks $CHUNKS --no-escape "${COMMON_REPACK[@]}" > "$OUT/llama-perplexity-$ty.txt" 2>&1
   done
 }
 
