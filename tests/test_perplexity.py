@@ -42,3 +42,12 @@ def test_bench_perplexity_cli(make_llm, tmp_path, capsys):
 def test_bench_perplexity_rejects_bad_options(capsys):
     assert main(["bench", "perplexity", "--context", "64", "--stride", "64"]) == 2
     assert "stride" in capsys.readouterr().err
+
+
+def test_token_id_file_is_read_as_is(tmp_path):
+    """A .ids file (llama-tokenize --ids prints "[1, 2, 3]") is scored on exactly those tokens, so
+    kvflow and llama-perplexity can be compared on one tokenization."""
+    from kvflow.bench.perplexity import load_tokens
+    path = tmp_path / "text.ids"
+    path.write_text("[5, 17, 2,\n9, 1000]\n")
+    assert load_tokens(None, str(path), 4) == [5, 17, 2, 9]

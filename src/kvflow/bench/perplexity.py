@@ -117,6 +117,8 @@ def load_tokens(tokenizer, dataset: str, num_tokens: int) -> list[int]:
         path = Path(dataset)
         if not path.is_file():
             raise ConfigError(f"--dataset must be 'sharegpt' or a file; {dataset!r} is neither")
+        if path.suffix == ".ids":  # token ids as they are (e.g. `llama-tokenize --ids`: another engine's tokens)
+            return [int(t) for t in path.read_text().translate(str.maketrans("[],", "   ")).split()][:num_tokens]
         text = sharegpt_text(path, num_tokens * 8) if path.suffix == ".json" else path.read_text(encoding="utf-8")
     ids = tokenizer.encode(text, add_special_tokens=True)[:num_tokens]
     return ids
@@ -255,7 +257,8 @@ def add_bench_perplexity_parser(subparsers) -> None:
     p = subparsers.add_parser("perplexity", help="perplexity and top-1 agreement with float32, per precision",
                               description=__doc__.split("\n\n")[1])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default="sharegpt", help="sharegpt, or a file (ShareGPT .json or plain text)")
+    p.add_argument("--dataset", default="sharegpt",
+                   help="sharegpt, or a file (ShareGPT .json, plain text, or token ids: .ids, e.g. from llama-tokenize --ids)")
     p.add_argument("--num-tokens", type=int, default=20000, help="tokens of text to use (default 20000)")
     p.add_argument("--context", type=int, default=512, help="window length, tokens (default 512)")
     p.add_argument("--stride", type=int, default=256, help="window step = tokens scored per window (default 256)")

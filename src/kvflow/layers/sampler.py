@@ -49,7 +49,7 @@ def sample(logits: torch.Tensor, requests: list[SamplingRow],
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     logits = _apply_penalties_and_bias(logits, requests)
     params = [r.params for r in requests]
-    chosen = logits.argmax(dim=-1)
+    chosen = argmax_rows(logits)
     if bitmask is not None:
         logits, chosen = _constrain(logits, chosen, params, *bitmask)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]  # decided on the host: no device sync
@@ -67,6 +67,16 @@ def sample(logits: torch.Tensor, requests: list[SamplingRow],
         if n_top > 0:
             top_lp, top_ids = raw_logprobs.topk(n_top, dim=-1)
     return SamplerOutput([int(t) for t in token_ids], logprobs, top_ids, top_lp, ranks)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum; ties go to the first index, NaN counts as the maximum: what
+    x.argmax(dim=-1) returns. On CPU, torch's argmax kernel is 2-5x slower than max(dim) for the
+    sampler's shapes (float32 [1, 49152]: 0.59 vs 0.12 ms; [64, 49152]: 3.4 vs 1.7 ms; Sapphire
+    Rapids, 2 threads), and max(dim) documents the same first-index rule. Elsewhere argmax is kept."""
+    if x.device.type == "cpu":
+        return x.max(dim=-1).indices
+    return x.argmax(dim=-1)
 
 
 def _apply_penalties_and_bias(logits: torch.Tensor, requests: list[SamplingRow]) -> torch.Tensor:
@@ -107,7 +117,7 @@ def _constrain(logits: torch.Tensor, chosen: torch.Tensor, params: list[Sampling
     logits = apply_bitmask(logits, bits, need)
     greedy = [r for r in need if params[r].greedy]
     if greedy:
-        chosen[greedy] = logits[greedy].argmax(dim=-1)
+        chosen[greedy] = argmax_rows(logits[greedy])
     return logits, chosen
 
 
@@ -158,7 +168,7 @@ def _random_sample(logits: torch.Tensor, requests: list[SamplingRow]) -> torch.T
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly more likely tokens
         drop_sorted = before >= top_p * sorted_probs.sum(dim=-1, keepdim=True)
         probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
-    choice = (probs / _exponential_noise(probs, requests, token_ids)).argmax(dim=-1)
+    choice = argmax_rows(probs / _exponential_noise(probs, requests, token_ids))
     return choice if token_ids is None else token_ids.gather(1, choice[:, None]).squeeze(1)
 
 
