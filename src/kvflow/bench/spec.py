@@ -24,7 +24,9 @@ size and accepted drafts per verification, the step-time model's mean relative p
 lossless, so they must, up to float ties).
 
 All methods run on one engine (one model load): its speculator is swapped between rows, and
-prefix caching is off by default so no row reuses another's prompt blocks.
+prefix caching is off by default so no row reuses another's prompt blocks. Before each row one
+untimed request on a prompt outside the measured ones warms the row up, as a running server's
+speculator is warm (Token Recycling's table and Lookahead's pool start empty otherwise).
 """
 from __future__ import annotations
 
@@ -166,9 +168,17 @@ def chat_prompts(llm, n: int, seed: int, max_prompt_tokens: int, dataset_path: s
 
 
 # ---------------- kvflow runs ----------------
-def _set_speculator(llm, spec) -> None:
-    """Swap the engine's speculator (None: no speculation), with fresh statistics."""
+def _set_speculator(llm, spec, warmup: list[int] | None = None, output_len: int = 0) -> None:
+    """Swap the engine's speculator (None: no speculation). With `warmup`, one untimed request runs
+    first, so the row measures a warm speculator as a running server has one (Token Recycling's
+    table, Lookahead's n-gram pool, the acceptance and step-time models all learn as they go); its
+    statistics are then reset. The warm-up prompt is not one of the measured ones."""
+    from kvflow.spec_decode.speculator import SpecStats
     llm.engine.set_speculative_config(spec)
+    if warmup is not None:
+        llm.generate(warmup, _greedy(output_len))
+        if llm.engine.speculator is not None:
+            llm.engine.speculator.stats = SpecStats()
 
 
 def _spec_stats(llm) -> dict | None:
@@ -262,17 +272,19 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
     llm.generate([[1, 2, 3, 4]], _greedy(2))  # warm-up outside the timing
     res: dict = {"model": cfg.model, "dtype": cfg.dtype, "device": cfg.device, "seed": cfg.seed,
                  "output_len": cfg.output_len, "num_prompts": cfg.num_prompts, "batch_size": cfg.batch_size,
+                 "warmup_requests_per_row": 1,
                  "engine_options": options, "methods": cfg.methods, "batch_methods": cfg.batch_methods,
                  "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
                  "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workloads": {}}
     grounded_for_peer = None
     for workload in cfg.workloads:
-        n_all = max(cfg.num_prompts, cfg.batch_size)
+        n_all = max(cfg.num_prompts, cfg.batch_size) + 1  # the last one warms each row up
         if workload == "grounded":
             prompts = grounded_prompts(llm, n_all, cfg.seed, cfg.passage_tokens, cfg.dataset_path)
             grounded_for_peer = prompts[:cfg.num_prompts]
         else:
             prompts = chat_prompts(llm, n_all, cfg.seed, max_prompt, cfg.dataset_path)
+        warmup = prompts.pop()
         too_long = [len(p) for p in prompts if len(p) > max_prompt]
         if too_long:
             raise ConfigError(f"a {workload} prompt has {max(too_long)} tokens: over max_model_len less "
@@ -281,14 +293,14 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
         single = {}
         for name, spec in [("no-spec", None), *cfg.methods.items()]:
             logger.info("%s: single requests, %s", workload, name)
-            _set_speculator(llm, spec)
+            _set_speculator(llm, spec, warmup, cfg.output_len)
             single[name] = run_single(llm, prompts[:cfg.num_prompts], cfg.output_len)
         _compare_rows(single, "decode_tokens_per_s")
         batch = {}
         if cfg.batch_size > 1:
             for name, spec in [("no-spec", None), *cfg.batch_methods.items()]:
                 logger.info("%s: batch of %d, %s", workload, cfg.batch_size, name)
-                _set_speculator(llm, spec)
+                _set_speculator(llm, spec, warmup, cfg.output_len)
                 batch[name] = run_batch(llm, prompts[:cfg.batch_size], cfg.output_len)
             _compare_rows(batch, "output_tokens_per_s")
         _set_speculator(llm, None)
