@@ -710,7 +710,6 @@ def test_accepted_prefix():
 def test_cli_generate_and_bench_with_speculative_config(ref_llm, spec_llm, monkeypatch, tmp_path):
     """`--speculative-config` reaches LLM(...) in generate and bench throughput; the benchmark
     prints and saves the speculation stats; a bad config is a one-line error (exit 2)."""
-    from kvflow.bench import throughput
     from kvflow.entrypoints import cli
 
     seen = {}
