@@ -140,8 +140,8 @@ class ClusterSim:
     def run(self) -> SimResult:
         started = time.perf_counter()
         self._start_instances()
-        for req in self.requests:
-            self._push(req.arrival, ARRIVAL, req)
+        for req in self.requests:  # a request reaches its instance dispatch_delay after it is sent
+            self._push(req.arrival + self.model.dispatch_delay, ARRIVAL, req)
         if self.migration is not None:
             self._push(self.cfg.migration_interval_s, MIGRATE_TICK, None)
         if self.autoscaler is not None:
@@ -254,10 +254,10 @@ class ClusterSim:
         req._prompt_hashes = None  # memory: 100k requests
         if req.migrating_to is not None:
             req.migrating_to = None  # its migration is aborted at the next phase
-        follow = next_turn(req, self.now, next(self._ids), self.cfg.max_model_len)
+        follow = next_turn(req, req.finish_time, next(self._ids), self.cfg.max_model_len)
         if follow is not None:
             self.live += 1
-            self._push(follow.arrival, ARRIVAL, follow)
+            self._push(follow.arrival + self.model.dispatch_delay, ARRIVAL, follow)
 
     # ------------------------------------------------------------ P/D split
     def _send_kv(self, prefill: SimInstance, req: SimRequest) -> None:
