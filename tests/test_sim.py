@@ -159,6 +159,27 @@ def test_front_end_delays_shift_the_simulated_latencies():
         assert b.finish_time - b.first_token_time == pytest.approx(a.finish_time - a.first_token_time)
 
 
+def test_stale_loads_send_a_burst_where_the_real_front_end_would():
+    """Four requests at once, least-load: with live loads they spread over both instances; with the
+    loads as of each instance's last step (what the real front end knows), all four tie and go to one."""
+    def placed(stale: bool) -> set:
+        reqs = [SimRequest(i, 0.0, ((("p", i), 40),), 40, 4) for i in range(4)]
+        seen = set()
+        import kvflow.sim.instance as si
+        orig = si.SimInstance.add
+
+        def add(self, req):
+            seen.add(self.id)
+            return orig(self, req)
+        si.SimInstance.add = add
+        try:
+            simulate(small(num_instances=2, dispatch="least-load", stale_loads=stale), MODEL, reqs)
+        finally:
+            si.SimInstance.add = orig
+        return seen
+    assert len(placed(False)) == 2 and len(placed(True)) == 1
+
+
 def test_trace_follow_up_hits_the_previous_answer(tmp_path):
     """Turn 2's prompt is turn 1's prompt + its 24-token answer + new text: the simulator learns the
     answer from the trace and, like the engine, serves its full blocks from the prefix cache."""

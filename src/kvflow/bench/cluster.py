@@ -361,7 +361,7 @@ def _compare_with_sim(args, real: dict) -> None:
     for name, res in real.items():
         model = StepTimeModel.load(res["fit"] or args.sim_fit)
         config = SimConfig(num_instances=2, dispatch=name, migration=args.migration, max_model_len=2048,
-                           instance=InstanceConfig(num_blocks=args.num_blocks or 1024))
+                           instance=InstanceConfig(num_blocks=args.num_blocks or 1024), stale_loads=True)
         result = simulate(config, model, wl.load_trace(args.trace, 16))
         done = result.requests
         seen = sum(i.prompt_tokens_seen for i in result.instances)

@@ -20,6 +20,7 @@ Modelled costs:
 """
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import math
@@ -65,6 +66,10 @@ class ClusterConfig:
     idle_timeout_s: float = 60.0
     cold_start_s: float = 2.0
     autoscale_interval_s: float = 0.5
+    # The real cluster's front end knows an instance's load from its last poll reply, which follows
+    # the instance's steps: requests sent in one burst all see the same loads (least-load fallback
+    # sends them to one instance). True: dispatch sees each instance's load as of its last step end.
+    stale_loads: bool = False
 
     @property
     def pd_split(self) -> bool:
@@ -122,6 +127,7 @@ class ClusterSim:
         self.instances: dict[str, SimInstance] = {}
         self.all_instances: list[SimInstance] = []
         self.front: list = []  # loads of the ready instances that take new requests
+        self.reported: dict[str, object] = {}  # stale_loads: each instance's load at its last step end
         self.decoders: list = []  # P/D: loads of the ready decode instances
         self.pending: list[SimRequest] = []  # arrived while no instance accepts requests
         self.num_starting = 0
@@ -187,6 +193,7 @@ class ClusterSim:
     def _ready(self, inst: SimInstance) -> None:
         inst.ready = True
         (self.decoders if inst.role == "decode" else self.front).append(inst.load)
+        self.reported[inst.id] = copy.copy(inst.load)
         pending, self.pending = self.pending, []
         for req in pending:
             self._dispatch(req)
@@ -221,11 +228,13 @@ class ClusterSim:
     def _dispatch(self, req: SimRequest) -> None:
         bs = self.cfg.instance.block_size
         by_blocks = getattr(self.dispatch, "choose_blocks", None)
+        loads = ([self.reported.get(l.instance_id, l) for l in self.front] if self.cfg.stale_loads
+                 else self.front)
         try:
             if by_blocks is not None:
-                iid = by_blocks(req.prompt_hashes(bs), req.priority, self.front)
+                iid = by_blocks(req.prompt_hashes(bs), req.priority, loads)
             else:
-                iid = self.dispatch.choose([], req.priority, self.front)
+                iid = self.dispatch.choose([], req.priority, loads)
         except NoInstanceError:
             self.pending.append(req)
             if self.autoscaler is not None and not self.front and self.num_starting == 0:
@@ -239,6 +248,8 @@ class ClusterSim:
 
     def _on_step_end(self, inst: SimInstance) -> None:
         finished, handoff = inst.finish_step(self.now)
+        if self.cfg.stale_loads:
+            self.reported[inst.id] = copy.copy(inst.load)
         for req in finished:
             self._complete(req)
         for req in handoff:

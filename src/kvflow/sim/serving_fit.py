@@ -7,7 +7,7 @@ cores), and the gap between two steps (stats published, commands applied, output
 event loop) is not in a timed `engine.step()` at all. So here the samples are the steps the
 instances ran while serving (`python -m kvflow.bench.cluster replay --record-fit`):
 
-- a step's cost is the time from its start to the next step's start while the engine had work
+- a step's cost (least squares on absolute errors: the simulated time is a sum of steps) is the time from its start to the next step's start while the engine had work
   (what the next step waited for), or its own duration when the engine went idle after it;
 - dispatch_delay: client send -> the request applied on its instance's engine thread, taken only
   from requests whose instance ran no step in between (otherwise the wait for that step, which the
@@ -65,7 +65,7 @@ def output_delays(requests: list[dict]) -> list[float]:
 
 def fit_serving(steps: list[dict], requests: list[dict], source: str = "") -> StepTimeModel:
     samples = effective_steps(steps)
-    model = fit(samples, source=source)
+    model = fit(samples, source=source, relative=False)
     ins, outs = dispatch_delays(steps, requests), output_delays(requests)
     if not outs:
         raise ConfigError("no request with both its first token's step and the client's receipt recorded")

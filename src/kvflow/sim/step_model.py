@@ -60,9 +60,11 @@ class StepTimeModel:
         return model
 
 
-def fit(samples: list[dict], source: str = "") -> StepTimeModel:
+def fit(samples: list[dict], source: str = "", relative: bool = True) -> StepTimeModel:
     """Least squares over samples {prefill_tokens, decode_rows, context_tokens, seconds}, with the
-    coefficients kept non-negative (a negative cost per token would be noise, not physics)."""
+    coefficients kept non-negative (a negative cost per token would be noise, not physics).
+    relative: minimise relative errors (a calibration grid spans 2 ms to 2 s steps); False: absolute
+    ones (serving steps, where what matters is that their sum, the simulated time, comes out right)."""
     import numpy as np
 
     if len(samples) < len(TERMS):
@@ -70,7 +72,7 @@ def fit(samples: list[dict], source: str = "") -> StepTimeModel:
     x = np.array([[1.0, s["prefill_tokens"], s["decode_rows"], s["context_tokens"]] for s in samples])
     y = np.array([s["seconds"] for s in samples])
     # Relative error matters (a 2 ms step off by 1 ms is as bad as a 200 ms one off by 100 ms).
-    w = 1.0 / np.maximum(y, 1e-6)
+    w = 1.0 / np.maximum(y, 1e-6) if relative else np.ones_like(y)
     xw, yw = x * w[:, None], y * w
     active = list(range(len(TERMS)))
     while True:  # drop the most negative term and refit: a small non-negative least squares
