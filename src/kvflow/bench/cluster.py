@@ -274,6 +274,7 @@ def _start_step_log(engine) -> None:
 
     def execute(sched):
         shape.update(_shape(sched))
+        shape["prefill_rows"] = sum(1 for x in sched.scheduled if x.start < x.request.num_prompt_tokens)
         return execute_fn(sched)
 
     def step():
