@@ -160,24 +160,30 @@ def test_front_end_delays_shift_the_simulated_latencies():
 
 
 def test_stale_loads_send_a_burst_where_the_real_front_end_would():
-    """Four requests at once, least-load: with live loads they spread over both instances; with the
-    loads as of each instance's last step (what the real front end knows), all four tie and go to one."""
-    def placed(stale: bool) -> set:
-        reqs = [SimRequest(i, 0.0, ((("p", i), 40),), 40, 4) for i in range(4)]
-        seen = set()
+    """Four requests sent at once, least-load, 5 ms to reach an instance: with live loads they spread
+    over both instances; with the loads as of each instance's last step plus the requests that have
+    reached it (what the real front end knows), all four tie and go to one; one sent 10 ms later
+    sees them counted in and goes to the other."""
+    model = StepTimeModel(a=0.01, b=1e-4, c=2e-4, d=1e-7, dispatch_delay=0.005)
+
+    def placed(stale: bool) -> list:
+        reqs = [SimRequest(i, 0.0 if i < 4 else 0.01, ((("p", i), 40),), 40, 4) for i in range(5)]
+        seen = {}
         import kvflow.sim.instance as si
         orig = si.SimInstance.add
 
         def add(self, req):
-            seen.add(self.id)
+            seen[req.request_id] = self.id
             return orig(self, req)
         si.SimInstance.add = add
         try:
-            simulate(small(num_instances=2, dispatch="least-load", stale_loads=stale), MODEL, reqs)
+            simulate(small(num_instances=2, dispatch="least-load", stale_loads=stale), model, reqs)
         finally:
             si.SimInstance.add = orig
-        return seen
-    assert len(placed(False)) == 2 and len(placed(True)) == 1
+        return [seen[i] for i in range(5)]
+    assert len(set(placed(False)[:4])) == 2
+    stale = placed(True)
+    assert len(set(stale[:4])) == 1 and stale[4] != stale[0]
 
 
 def test_trace_follow_up_hits_the_previous_answer(tmp_path):

@@ -337,8 +337,12 @@ def _fit_from_runs(results: dict, out: str):
 
 
 def run_fit(args) -> None:
-    """A fit from the step logs a replay saved (--from run.json): to fit on one run, validate on another."""
-    _fit_from_runs(json.load(open(args.from_run)), args.out or "kvflow-serving-fit.json")
+    """A fit from the step logs replays saved (--from run.json[,run2.json...]): fit on some runs,
+    validate on another."""
+    runs = {}
+    for k, path in enumerate(args.from_run.split(",")):
+        runs.update({f"{name} (run {k + 1})": res for name, res in json.load(open(path)).items()})
+    _fit_from_runs(runs, args.out or "kvflow-serving-fit.json")
 
 
 def run_compare(args) -> None:

@@ -37,7 +37,7 @@ from kvflow.sim.step_model import StepTimeModel
 from kvflow.sim.workload import SimRequest, next_turn
 
 # event kinds
-ARRIVAL, STEP_END, COPY_DONE, LAND, KV_DONE, READY, MIGRATE_TICK, SCALE_TICK = range(8)
+ARRIVAL, STEP_END, COPY_DONE, LAND, KV_DONE, READY, MIGRATE_TICK, SCALE_TICK, DELIVER = range(9)
 
 
 @dataclass
@@ -67,8 +67,10 @@ class ClusterConfig:
     cold_start_s: float = 2.0
     autoscale_interval_s: float = 0.5
     # The real cluster's front end knows an instance's load from its last poll reply, which follows
-    # the instance's steps: requests sent in one burst all see the same loads (least-load fallback
-    # sends them to one instance). True: dispatch sees each instance's load as of its last step end.
+    # the instance's steps, plus the requests it sent there whose add has returned (client.py's
+    # _count_in): requests sent in one burst all see the same loads (least-load's fallback sends
+    # them to one instance). True: dispatch sees each instance's load as of its last step end, plus
+    # the requests that reached it since.
     stale_loads: bool = False
 
     @property
@@ -146,15 +148,15 @@ class ClusterSim:
     def run(self) -> SimResult:
         started = time.perf_counter()
         self._start_instances()
-        for req in self.requests:  # a request reaches its instance dispatch_delay after it is sent
-            self._push(req.arrival + self.model.dispatch_delay, ARRIVAL, req)
+        for req in self.requests:
+            self._push(req.arrival + self._arrival_lag(), ARRIVAL, req)
         if self.migration is not None:
             self._push(self.cfg.migration_interval_s, MIGRATE_TICK, None)
         if self.autoscaler is not None:
             self._push(0.0, SCALE_TICK, None)
         handlers = {ARRIVAL: self._on_arrival, STEP_END: self._on_step_end, COPY_DONE: self._on_copy_done,
                     LAND: self._on_land, KV_DONE: self._on_kv_done, READY: self._on_ready,
-                    MIGRATE_TICK: self._on_migrate_tick, SCALE_TICK: self._on_scale_tick}
+                    MIGRATE_TICK: self._on_migrate_tick, SCALE_TICK: self._on_scale_tick, DELIVER: self._deliver}
         events = 0
         heap = self._events
         while heap and self.live > 0:
@@ -242,8 +244,29 @@ class ClusterSim:
             return
         if by_blocks is not None:
             self.dispatch.on_dispatch_blocks(iid, req.prompt_hashes(bs))
-        inst = self.instances[iid]
+        if self.cfg.stale_loads and self.model.dispatch_delay > 0:  # chosen when sent, lands later
+            self._push(self.now + self.model.dispatch_delay, DELIVER, (iid, req))
+        else:
+            self._deliver((iid, req))
+
+    def _arrival_lag(self) -> float:
+        """A request reaches its instance dispatch_delay after it is sent. With stale_loads the
+        dispatcher chooses when it is sent (DELIVER adds it later); otherwise it is an ideal
+        dispatcher that chooses, seeing the loads of that moment, when the request lands."""
+        return 0.0 if self.cfg.stale_loads else self.model.dispatch_delay
+
+    def _deliver(self, payload) -> None:
+        iid, req = payload
+        inst = self.instances.get(iid)
+        if inst is None:  # removed meanwhile (autoscaling): dispatch again
+            self._dispatch(req)
+            return
         inst.add(req)
+        if self.cfg.stale_loads:  # the front end counts it in until the instance reports again
+            view = self.reported.get(iid)
+            if view is not None:
+                view.num_waiting += 1
+                view.waiting_demand_blocks += _blocks(req.prefill_target, self.cfg.instance.block_size)
         self._kick(inst)
 
     def _on_step_end(self, inst: SimInstance) -> None:
@@ -268,7 +291,7 @@ class ClusterSim:
         follow = next_turn(req, req.finish_time, next(self._ids), self.cfg.max_model_len)
         if follow is not None:
             self.live += 1
-            self._push(follow.arrival + self.model.dispatch_delay, ARRIVAL, follow)
+            self._push(follow.arrival + self._arrival_lag(), ARRIVAL, follow)
 
     # ------------------------------------------------------------ P/D split
     def _send_kv(self, prefill: SimInstance, req: SimRequest) -> None:
