@@ -5,6 +5,8 @@
     python -m kvflow.bench.cluster cold                                 cold start from zero instances
     python -m kvflow.bench.cluster replay --trace T [--sim-fit F]       replay a trace (validates kvflow sim)
     python -m kvflow.bench.cluster calibrate --out F                    the sim's step fit, timed on the instances
+    python -m kvflow.bench.cluster replay --trace T --record-fit F --out R   fit on the steps served (serving_fit)
+    python -m kvflow.bench.cluster leave-one-out --from R1,R2,R3 --trace T   validate: each run vs the others' fit
 
 `sessions`: multi-turn ShareGPT conversations; each turn's prompt is the conversation so far (the
 previous prompt, the reply the model gave, the next human turn), sent when the previous turn ends.
@@ -365,6 +367,55 @@ def run_compare(args) -> None:
     _compare_with_sim(args, real)
 
 
+def run_leave_one_out(args) -> None:
+    """--from run1.json,run2.json,...: each run against the simulator fitted on the other runs'
+    serving steps only; then all runs pooled against those out-of-sample simulations pooled."""
+    from kvflow.cpu_info import cpu_model_name
+    from kvflow.sim.serving_fit import fit_serving
+    paths = args.from_run.split(",")
+    runs = [json.load(open(p)) for p in paths]
+    print(f"CPU: {cpu_model_name()}; trace {args.trace}; runs {', '.join(paths)}")
+    pooled: dict = {}
+    for k, run in enumerate(runs):
+        others = [r for j, r in enumerate(runs) if j != k]
+        model = fit_serving([s for r in others for res in r.values() for s in res["steps"]],
+                            [q for r in others for res in r.values() for q in res["requests"]])
+        print(f"\nrun {k + 1} against the fit on runs {[j + 1 for j in range(len(runs)) if j != k]} "
+              f"({model.a * 1e3:.1f} ms + {model.b * 1e6:.0f} us x prefill tokens + {model.c * 1e6:.0f} us x "
+              f"decode rows + {model.d * 1e9:.0f} ns x context tokens)")
+        for name, res in run.items():
+            sim = _simulate_trace(args, name, model)
+            slot = pooled.setdefault(name, {"ttft": [], "tpot": [], "sim_ttft": [], "sim_tpot": []})
+            slot["ttft"] += res["ttft"]
+            slot["tpot"] += res["tpot"]
+            slot["sim_ttft"] += sim["ttft"]
+            slot["sim_tpot"] += sim["tpot"]
+            _print_rows(name, res, sim)
+    print("\nall runs pooled against the out-of-sample simulations pooled")
+    for name, slot in pooled.items():
+        _print_rows(name, slot, {"ttft": slot["sim_ttft"], "tpot": slot["sim_tpot"]})
+
+
+def _simulate_trace(args, name: str, model) -> dict:
+    from kvflow.sim import workload as wl
+    from kvflow.sim.cluster import ClusterConfig as SimConfig, simulate
+    from kvflow.sim.instance import InstanceConfig
+    config = SimConfig(num_instances=2, dispatch=name, migration=args.migration, max_model_len=2048,
+                       instance=InstanceConfig(num_blocks=args.num_blocks or 1024), stale_loads=True)
+    done = simulate(config, model, wl.load_trace(args.trace, 16)).requests
+    return {"ttft": [r.first_token_time - r.arrival for r in done],
+            "tpot": [(r.finish_time - r.first_token_time) / (r.output_len - 1) for r in done if r.output_len > 1]}
+
+
+def _print_rows(name: str, real: dict, sim: dict) -> None:
+    import numpy as np
+    for metric in ("ttft", "tpot"):
+        values = [v for v in real[metric] if metric == "ttft" or v > 0]
+        for q in (50, 99):
+            a, b = float(np.percentile(values, q)), float(np.percentile(sim[metric], q))
+            print(f"| {name} | {metric.upper()} p{q} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {(b - a) / a * 100:+.0f}% |")
+
+
 def _compare_with_sim(args, real: dict) -> None:
     """The simulator on the same trace, instances and policies; p50/p99 of both computed the same way
     (numpy's linear interpolation over the per-request figures)."""
@@ -461,7 +512,8 @@ async def _no_standby() -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m kvflow.bench.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=["sessions", "skew", "cold", "replay", "calibrate", "fit", "compare"])
+    p.add_argument("experiment", choices=["sessions", "skew", "cold", "replay", "calibrate", "fit", "compare",
+                                                   "leave-one-out"])
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--output-len", type=int, default=32)
@@ -495,7 +547,8 @@ def main(argv=None) -> None:
     p.add_argument("--migration-first", action="store_true", help="skew: the run with migration first")
     args = p.parse_args(argv)
     experiments = {"sessions": run_sessions, "skew": run_skew, "cold": run_cold, "replay": run_replay,
-                   "calibrate": run_calibrate, "fit": run_fit, "compare": run_compare}
+                   "calibrate": run_calibrate, "fit": run_fit, "compare": run_compare,
+                   "leave-one-out": run_leave_one_out}
     experiments[args.experiment](args)
 
 
