@@ -7,6 +7,7 @@ import pytest
 from kvflow.entrypoints.cli import main
 from kvflow.sim.cluster import ClusterConfig, simulate, summarize
 from kvflow.sim.instance import InstanceConfig
+from kvflow.sim.serving_fit import dispatch_delays, effective_steps, fit_serving
 from kvflow.sim.step_model import StepTimeModel, fit
 from kvflow.sim.workload import SimRequest, WorkloadSpec, chained_hashes, load_trace, synthetic
 
@@ -114,6 +115,92 @@ def test_fit_recovers_a_known_model():
     got = fit(samples)
     assert got.step_time(128, 8, 3000) == pytest.approx(truth.step_time(128, 8, 3000), rel=1e-6)
     assert StepTimeModel.load().a > 0  # the shipped fit loads
+
+
+def test_serving_fit_recovers_step_cost_and_front_end_delays(tmp_path):
+    """Steps logged back to back (a 3 ms gap between them the engine's step timer does not see),
+    then an idle spell; requests reach the engine 4 ms after they are sent (one while its instance
+    was stepping: not a clean sample), tokens the client 6 ms after their step."""
+    truth = StepTimeModel(a=0.02, b=3e-4, c=5e-4, d=2e-6)
+    gap = 0.003
+    steps, t = [], 100.0
+    shapes = [(p, r, c) for p in (0, 64, 256) for r in (0, 4, 16) for c in (100, 1000, 5000) if p or r]
+    for i, (p, r, c) in enumerate(shapes):
+        busy = i % 5 != 4  # every fifth step leaves the engine idle for a while
+        dur = truth.step_time(p, r, c) - gap  # what the step's own timer sees
+        steps.append({"prefill_tokens": p, "decode_rows": r, "context_tokens": c, "start": t, "end": t + dur,
+                      "busy_after": busy, "instance": "i0"})
+        t += dur + (gap if busy else 1.0)
+    samples = effective_steps(steps)
+    idle_ones = [s for s, st in zip(samples, steps) if not st["busy_after"]]
+    assert all(s["seconds"] == pytest.approx(truth.step_time(s["prefill_tokens"], s["decode_rows"],
+                                                             s["context_tokens"]) - gap) for s in idle_ones)
+    idle_end = steps[4]["end"]  # the engine is idle from here for 1 s
+    requests = [{"instance": "i0", "sent": idle_end + 0.1 + k * 0.01, "added": idle_end + 0.104 + k * 0.01,
+                 "first_step_end": idle_end + 0.2, "first_seen": idle_end + 0.206} for k in range(3)]
+    requests.append({"instance": "i0", "sent": steps[0]["start"], "added": steps[1]["start"],  # waited for a step
+                     "first_step_end": steps[2]["end"], "first_seen": steps[2]["end"] + 0.006})
+    assert dispatch_delays(steps, requests) == pytest.approx([0.004] * 3)
+    model = fit_serving(steps, requests)
+    assert model.dispatch_delay == pytest.approx(0.004) and model.output_delay == pytest.approx(0.006)
+    assert model.step_time(128, 8, 3000) == pytest.approx(truth.step_time(128, 8, 3000), rel=0.05)
+    model.save(tmp_path / "fit.json")
+    again = StepTimeModel.load(tmp_path / "fit.json")
+    assert (again.dispatch_delay, again.output_delay) == (model.dispatch_delay, model.output_delay)
+
+
+def test_front_end_delays_shift_the_simulated_latencies():
+    reqs = lambda: [SimRequest(i, 0.5 * i, ((("p", i), 40),), 40, 8) for i in range(4)]  # noqa: E731
+    base = simulate(small(num_instances=1), MODEL, reqs()).requests
+    delayed = simulate(small(num_instances=1), StepTimeModel(a=0.01, b=1e-4, c=2e-4, d=1e-7, dispatch_delay=0.004,
+                                                               output_delay=0.006), reqs()).requests
+    for a, b in zip(sorted(base, key=lambda r: r.request_id), sorted(delayed, key=lambda r: r.request_id)):
+        assert b.first_token_time - b.arrival == pytest.approx(a.first_token_time - a.arrival + 0.010)
+        assert b.finish_time - b.first_token_time == pytest.approx(a.finish_time - a.first_token_time)
+
+
+def test_stale_loads_send_a_burst_where_the_real_front_end_would():
+    """Four requests sent at once, least-load, 5 ms to reach an instance: with live loads they spread
+    over both instances; with the loads as of each instance's last step plus the requests that have
+    reached it (what the real front end knows), all four tie and go to one; one sent 10 ms later
+    sees them counted in and goes to the other."""
+    model = StepTimeModel(a=0.01, b=1e-4, c=2e-4, d=1e-7, dispatch_delay=0.005)
+
+    def placed(stale: bool) -> list:
+        reqs = [SimRequest(i, 0.0 if i < 4 else 0.01, ((("p", i), 40),), 40, 4) for i in range(5)]
+        seen = {}
+        import kvflow.sim.instance as si
+        orig = si.SimInstance.add
+
+        def add(self, req):
+            seen[req.request_id] = self.id
+            return orig(self, req)
+        si.SimInstance.add = add
+        try:
+            simulate(small(num_instances=2, dispatch="least-load", stale_loads=stale), model, reqs)
+        finally:
+            si.SimInstance.add = orig
+        return [seen[i] for i in range(5)]
+    assert len(set(placed(False)[:4])) == 2
+    stale = placed(True)
+    assert len(set(stale[:4])) == 1 and stale[4] != stale[0]
+
+
+def test_trace_follow_up_hits_the_previous_answer(tmp_path):
+    """Turn 2's prompt is turn 1's prompt + its 24-token answer + new text: the simulator learns the
+    answer from the trace and, like the engine, serves its full blocks from the prefix cache."""
+    first = list(range(100, 150))  # 50 tokens: 3 full blocks, 2 tokens in the 4th
+    answer = list(range(500, 524))
+    second = first + answer + list(range(900, 930))
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps(x) for x in (
+        {"arrival": 0.0, "prompt_token_ids": first, "output_len": 24},
+        {"arrival": 5.0, "prompt_token_ids": second, "output_len": 8})) + "\n")
+    reqs = load_trace(trace, 16)
+    assert reqs[0].token_ids == tuple(first + answer)
+    result = simulate(small(num_instances=1), MODEL, reqs)
+    # the answer's last token never gets KV: 50 + 23 = 73 tokens, 4 full blocks cached
+    assert sorted(r.hit_tokens for r in result.requests) == [0, 64]
 
 
 def test_cli_run_replays_a_trace(tmp_path, capsys):

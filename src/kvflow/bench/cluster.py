@@ -5,6 +5,8 @@
     python -m kvflow.bench.cluster cold                                 cold start from zero instances
     python -m kvflow.bench.cluster replay --trace T [--sim-fit F]       replay a trace (validates kvflow sim)
     python -m kvflow.bench.cluster calibrate --out F                    the sim's step fit, timed on the instances
+    python -m kvflow.bench.cluster replay --trace T --record-fit F --out R   fit on the steps served (serving_fit)
+    python -m kvflow.bench.cluster leave-one-out --from R1,R2,R3 --trace T   validate: each run vs the others' fit
 
 `sessions`: multi-turn ShareGPT conversations; each turn's prompt is the conversation so far (the
 previous prompt, the reply the model gave, the next human turn), sent when the previous turn ends.
@@ -41,16 +43,20 @@ def _pct(values: list[float], q: float) -> float:
 
 async def _timed(client, prompt: list[int], params: SamplingParams, rid: str, priority: int = 0) -> dict:
     t0 = time.perf_counter()
+    sent = time.time()  # wall clock too: compared with the instances' step logs (other processes)
     first = last = None
+    first_seen = None
     ids: list[int] = []
     async for delta in client.generate(prompt, params, request_id=rid, priority=priority):
         now = time.perf_counter()
         if delta.outputs and delta.outputs[0].token_ids:
-            first = first or now
+            if first is None:
+                first, first_seen = now, time.time()
             last = now
             ids += delta.outputs[0].token_ids
     n = len(ids)
-    return {"ttft": first - t0, "tpot": (last - first) / (n - 1) if n > 1 else 0.0, "ids": ids, "start": t0}
+    return {"ttft": first - t0, "tpot": (last - first) / (n - 1) if n > 1 else 0.0, "ids": ids, "start": t0,
+            "request_id": rid, "sent": sent, "first_seen": first_seen}
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -223,7 +229,9 @@ def run_replay(args) -> None:
                 cluster.stop()
                 cluster = start()
         client = cluster.client
-        before = client.instance_stats()
+        handles = dict(client.instances)
+        before = _pool_counters(client, handles)
+        client.ray.get([h.actor.call.remote(_start_step_log) for h in handles.values()])
 
         async def replay(c, tag=name):
             t0 = time.perf_counter()
@@ -234,20 +242,178 @@ def run_replay(args) -> None:
                 return await _timed(c, prompts[i], params, f"{tag}-{i}")
             return await asyncio.gather(*(one(i, rec) for i, rec in enumerate(trace)))
         rows = cluster.run(replay)
-        after = client.instance_stats()
-        q = sum(after[k].prefix_cache_queries - before[k].prefix_cache_queries for k in after)
-        h = sum(after[k].prefix_cache_hits - before[k].prefix_cache_hits for k in after)
-        pre = sum(after[k].num_preemptions - before[k].num_preemptions for k in after)
+        logs = dict(zip(handles, client.ray.get([h.actor.call.remote(_stop_step_log) for h in handles.values()])))
+        after = _pool_counters(client, handles)
+        q, h, pre = (sum(a[i] - b[i] for a, b in zip(after, before)) for i in range(3))
         results[name] = {**_summary(rows), "prefix_hit_rate": h / q if q else 0.0, "preemptions": pre, "fit": fit_path,
-                         "ttft": [r["ttft"] for r in rows], "tpot": [r["tpot"] for r in rows]}
+                         "ttft": [r["ttft"] for r in rows], "tpot": [r["tpot"] for r in rows],
+                         **_serving_records(logs, rows)}
         print(name, json.dumps({k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)}),
               flush=True)
         cluster.stop()
+    if args.record_fit:
+        _fit_from_runs(results, args.record_fit)
     if args.sim_fit or args.calibrate:
         _compare_with_sim(args, results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f)
+
+
+def _pool_counters(client, handles: dict) -> list[tuple[int, int, int]]:
+    """(prefix-cache query tokens, hit tokens, preemptions) per instance, read on the engine
+    threads now. Not client.instance_stats(): that is the last poll reply's copy, up to a poll
+    timeout old; read right after a calibration it missed the calibration's lookups (~14k prompt
+    tokens of random prompts, all misses), which then counted as the replay's and cut its measured
+    hit rate to 0.07-0.11 (BENCHMARKS, second try)."""
+    return client.ray.get([h.actor.call.remote(_counters) for h in handles.values()])
+
+
+def _counters(engine) -> tuple[int, int, int]:
+    stats = engine.block_pool.stats
+    return stats.queries, stats.hits, engine.scheduler.num_preemptions
+
+
+# ---------------- the step log: what each instance's steps cost while serving ----------------
+def _start_step_log(engine) -> None:
+    """On an instance's engine thread: from now on, time every step with its batch shape (wall
+    clock, comparable across processes), and note when each request reaches the engine thread and
+    when the step that made its first token ended. Wraps the engine's own methods; undone by
+    _stop_step_log."""
+    from kvflow.sim.calibrate import _shape
+    log: dict = {"steps": [], "added": {}, "first": {}}
+    originals = (engine.step, engine.runner.execute, engine.add_request)
+    step_fn, execute_fn, add_fn = originals
+    shape: dict = {}
+
+    def execute(sched):
+        shape.update(_shape(sched))
+        shape["prefill_rows"] = sum(1 for x in sched.scheduled if x.start < x.request.num_prompt_tokens)
+        return execute_fn(sched)
+
+    def step():
+        shape.clear()
+        start = time.time()
+        outputs = step_fn()
+        end = time.time()
+        if shape:
+            log["steps"].append({**shape, "start": start, "end": end,
+                                 "busy_after": engine.has_unfinished_requests()})
+        for out in outputs or ():
+            if out.request_id not in log["first"] and any(c.token_ids for c in out.outputs):
+                log["first"][out.request_id] = end
+        return outputs
+
+    def add_request(request_id, *a, **kw):
+        log["added"][request_id] = time.time()
+        return add_fn(request_id, *a, **kw)
+
+    engine.step, engine.runner.execute, engine.add_request = step, execute, add_request
+    engine._kvflow_step_log = (log, originals)
+
+
+def _stop_step_log(engine) -> dict:
+    log, originals = engine._kvflow_step_log
+    engine.step, engine.runner.execute, engine.add_request = originals
+    del engine._kvflow_step_log
+    return log
+
+
+def _serving_records(logs: dict, rows: list[dict]) -> dict:
+    """The instances' step logs and each request's timings, as serving_fit takes them."""
+    steps = [{**s, "instance": iid} for iid, log in logs.items() for s in log["steps"]]
+    where = {rid: iid for iid, log in logs.items() for rid in log["added"]}
+    requests = []
+    for r in rows:
+        iid = where.get(r["request_id"])
+        log = logs.get(iid, {"added": {}, "first": {}})
+        requests.append({"request_id": r["request_id"], "instance": iid, "sent": r["sent"],
+                         "added": log["added"].get(r["request_id"]), "first_seen": r["first_seen"],
+                         "first_step_end": log["first"].get(r["request_id"])})
+    return {"steps": steps, "requests": requests}
+
+
+def _fit_from_runs(results: dict, out: str):
+    """One step-time fit (and the front end's delays) from the serving steps of every policy's run."""
+    from kvflow.cpu_info import cpu_model_name
+    from kvflow.sim.serving_fit import dispatch_delays, fit_serving, output_delays
+    steps = [s for res in results.values() for s in res["steps"]]
+    requests = [r for res in results.values() for r in res["requests"]]
+    model = fit_serving(steps, requests, source=f"{MODEL} on {cpu_model_name()}, 1 thread, 2 instances of a "
+                                                f"cluster while serving ({', '.join(results)})")
+    model.save(out)
+    ins, outs = dispatch_delays(steps, requests), output_delays(requests)
+    print(f"serving fit: step = {model.a * 1e3:.2f} ms + {model.b * 1e6:.1f} us x prefill tokens + "
+          f"{model.c * 1e6:.1f} us x decode rows + {model.d * 1e9:.2f} ns x context tokens ({len(steps)} steps); "
+          f"dispatch delay {model.dispatch_delay * 1e3:.1f} ms (median of {len(ins)}), output delay "
+          f"{model.output_delay * 1e3:.1f} ms (median of {len(outs)}) -> {out}", flush=True)
+    return model
+
+
+def run_fit(args) -> None:
+    """A fit from the step logs replays saved (--from run.json[,run2.json...]): fit on some runs,
+    validate on another."""
+    runs = {}
+    for k, path in enumerate(args.from_run.split(",")):
+        runs.update({f"{name} (run {k + 1})": res for name, res in json.load(open(path)).items()})
+    _fit_from_runs(runs, args.out or "kvflow-serving-fit.json")
+
+
+def run_compare(args) -> None:
+    """The simulator against a saved replay (--from run.json) with a fit (--sim-fit)."""
+    real = json.load(open(args.from_run))
+    for res in real.values():
+        res["fit"] = None
+    _compare_with_sim(args, real)
+
+
+def run_leave_one_out(args) -> None:
+    """--from run1.json,run2.json,...: each run against the simulator fitted on the other runs'
+    serving steps only; then all runs pooled against those out-of-sample simulations pooled."""
+    from kvflow.cpu_info import cpu_model_name
+    from kvflow.sim.serving_fit import fit_serving
+    paths = args.from_run.split(",")
+    runs = [json.load(open(p)) for p in paths]
+    print(f"CPU: {cpu_model_name()}; trace {args.trace}; runs {', '.join(paths)}")
+    pooled: dict = {}
+    for k, run in enumerate(runs):
+        others = [r for j, r in enumerate(runs) if j != k]
+        model = fit_serving([s for r in others for res in r.values() for s in res["steps"]],
+                            [q for r in others for res in r.values() for q in res["requests"]])
+        print(f"\nrun {k + 1} against the fit on runs {[j + 1 for j in range(len(runs)) if j != k]} "
+              f"({model.a * 1e3:.1f} ms + {model.b * 1e6:.0f} us x prefill tokens + {model.c * 1e6:.0f} us x "
+              f"decode rows + {model.d * 1e9:.0f} ns x context tokens)")
+        for name, res in run.items():
+            sim = _simulate_trace(args, name, model)
+            slot = pooled.setdefault(name, {"ttft": [], "tpot": [], "sim_ttft": [], "sim_tpot": []})
+            slot["ttft"] += res["ttft"]
+            slot["tpot"] += res["tpot"]
+            slot["sim_ttft"] += sim["ttft"]
+            slot["sim_tpot"] += sim["tpot"]
+            _print_rows(name, res, sim)
+    print("\nall runs pooled against the out-of-sample simulations pooled")
+    for name, slot in pooled.items():
+        _print_rows(name, slot, {"ttft": slot["sim_ttft"], "tpot": slot["sim_tpot"]})
+
+
+def _simulate_trace(args, name: str, model) -> dict:
+    from kvflow.sim import workload as wl
+    from kvflow.sim.cluster import ClusterConfig as SimConfig, simulate
+    from kvflow.sim.instance import InstanceConfig
+    config = SimConfig(num_instances=2, dispatch=name, migration=args.migration, max_model_len=2048,
+                       instance=InstanceConfig(num_blocks=args.num_blocks or 1024), stale_loads=True)
+    done = simulate(config, model, wl.load_trace(args.trace, 16)).requests
+    return {"ttft": [r.first_token_time - r.arrival for r in done],
+            "tpot": [(r.finish_time - r.first_token_time) / (r.output_len - 1) for r in done if r.output_len > 1]}
+
+
+def _print_rows(name: str, real: dict, sim: dict) -> None:
+    import numpy as np
+    for metric in ("ttft", "tpot"):
+        values = [v for v in real[metric] if metric == "ttft" or v > 0]
+        for q in (50, 99):
+            a, b = float(np.percentile(values, q)), float(np.percentile(sim[metric], q))
+            print(f"| {name} | {metric.upper()} p{q} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {(b - a) / a * 100:+.0f}% |")
 
 
 def _compare_with_sim(args, real: dict) -> None:
@@ -263,8 +429,12 @@ def _compare_with_sim(args, real: dict) -> None:
     for name, res in real.items():
         model = StepTimeModel.load(res["fit"] or args.sim_fit)
         config = SimConfig(num_instances=2, dispatch=name, migration=args.migration, max_model_len=2048,
-                           instance=InstanceConfig(num_blocks=args.num_blocks or 1024))
-        done = simulate(config, model, wl.load_trace(args.trace, 16)).requests
+                           instance=InstanceConfig(num_blocks=args.num_blocks or 1024), stale_loads=True)
+        result = simulate(config, model, wl.load_trace(args.trace, 16))
+        done = result.requests
+        seen = sum(i.prompt_tokens_seen for i in result.instances)
+        print(f"| {name} | prefix hit rate | {res.get('prefix_hit_rate', float('nan')):.2f} | "
+              f"{sum(i.hit_tokens for i in result.instances) / max(1, seen):.2f} | |")
         sim = {"ttft": [r.first_token_time - r.arrival for r in done],
                "tpot": [(r.finish_time - r.first_token_time) / (r.output_len - 1) for r in done if r.output_len > 1]}
         res["sim"] = sim
@@ -342,7 +512,8 @@ async def _no_standby() -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m kvflow.bench.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=["sessions", "skew", "cold", "replay", "calibrate"])
+    p.add_argument("experiment", choices=["sessions", "skew", "cold", "replay", "calibrate", "fit", "compare",
+                                                   "leave-one-out"])
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--output-len", type=int, default=32)
@@ -355,6 +526,11 @@ def main(argv=None) -> None:
                         "and simulate with that fit")
     p.add_argument("--fresh-after-calibration", action="store_true",
                    help="replay --calibrate: replay on a new cluster, not on the instances just timed")
+    p.add_argument("--record-fit", default=None, metavar="FIT",
+                   help="replay: fit the sim's step time (and front-end delays) on the steps the instances ran "
+                        "while serving this replay (all policies), write it here")
+    p.add_argument("--from", dest="from_run", default=None, metavar="RUN",
+                   help="fit / compare: a replay's --out JSON (its step logs and per-request figures)")
     p.add_argument("--sim-fit", default=None, help="replay: also simulate the trace with this step-time fit, compare")
     p.add_argument("--burst", type=int, default=8, help="skew: long requests pinned to one instance")
     p.add_argument("--long-prompt", type=int, default=48)
@@ -371,7 +547,8 @@ def main(argv=None) -> None:
     p.add_argument("--migration-first", action="store_true", help="skew: the run with migration first")
     args = p.parse_args(argv)
     experiments = {"sessions": run_sessions, "skew": run_skew, "cold": run_cold, "replay": run_replay,
-                   "calibrate": run_calibrate}
+                   "calibrate": run_calibrate, "fit": run_fit, "compare": run_compare,
+                   "leave-one-out": run_leave_one_out}
     experiments[args.experiment](args)
 
 

@@ -20,6 +20,7 @@ Modelled costs:
 """
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import math
@@ -36,7 +37,7 @@ from kvflow.sim.step_model import StepTimeModel
 from kvflow.sim.workload import SimRequest, next_turn
 
 # event kinds
-ARRIVAL, STEP_END, COPY_DONE, LAND, KV_DONE, READY, MIGRATE_TICK, SCALE_TICK = range(8)
+ARRIVAL, STEP_END, COPY_DONE, LAND, KV_DONE, READY, MIGRATE_TICK, SCALE_TICK, DELIVER = range(9)
 
 
 @dataclass
@@ -65,6 +66,12 @@ class ClusterConfig:
     idle_timeout_s: float = 60.0
     cold_start_s: float = 2.0
     autoscale_interval_s: float = 0.5
+    # The real cluster's front end knows an instance's load from its last poll reply, which follows
+    # the instance's steps, plus the requests it sent there whose add has returned (client.py's
+    # _count_in): requests sent in one burst all see the same loads (least-load's fallback sends
+    # them to one instance). True: dispatch sees each instance's load as of its last step end, plus
+    # the requests that reached it since.
+    stale_loads: bool = False
 
     @property
     def pd_split(self) -> bool:
@@ -122,6 +129,7 @@ class ClusterSim:
         self.instances: dict[str, SimInstance] = {}
         self.all_instances: list[SimInstance] = []
         self.front: list = []  # loads of the ready instances that take new requests
+        self.reported: dict[str, object] = {}  # stale_loads: each instance's load at its last step end
         self.decoders: list = []  # P/D: loads of the ready decode instances
         self.pending: list[SimRequest] = []  # arrived while no instance accepts requests
         self.num_starting = 0
@@ -141,14 +149,14 @@ class ClusterSim:
         started = time.perf_counter()
         self._start_instances()
         for req in self.requests:
-            self._push(req.arrival, ARRIVAL, req)
+            self._push(req.arrival + self._arrival_lag(), ARRIVAL, req)
         if self.migration is not None:
             self._push(self.cfg.migration_interval_s, MIGRATE_TICK, None)
         if self.autoscaler is not None:
             self._push(0.0, SCALE_TICK, None)
         handlers = {ARRIVAL: self._on_arrival, STEP_END: self._on_step_end, COPY_DONE: self._on_copy_done,
                     LAND: self._on_land, KV_DONE: self._on_kv_done, READY: self._on_ready,
-                    MIGRATE_TICK: self._on_migrate_tick, SCALE_TICK: self._on_scale_tick}
+                    MIGRATE_TICK: self._on_migrate_tick, SCALE_TICK: self._on_scale_tick, DELIVER: self._deliver}
         events = 0
         heap = self._events
         while heap and self.live > 0:
@@ -187,6 +195,7 @@ class ClusterSim:
     def _ready(self, inst: SimInstance) -> None:
         inst.ready = True
         (self.decoders if inst.role == "decode" else self.front).append(inst.load)
+        self.reported[inst.id] = copy.copy(inst.load)
         pending, self.pending = self.pending, []
         for req in pending:
             self._dispatch(req)
@@ -221,11 +230,13 @@ class ClusterSim:
     def _dispatch(self, req: SimRequest) -> None:
         bs = self.cfg.instance.block_size
         by_blocks = getattr(self.dispatch, "choose_blocks", None)
+        loads = ([self.reported.get(l.instance_id, l) for l in self.front] if self.cfg.stale_loads
+                 else self.front)
         try:
             if by_blocks is not None:
-                iid = by_blocks(req.prompt_hashes(bs), req.priority, self.front)
+                iid = by_blocks(req.prompt_hashes(bs), req.priority, loads)
             else:
-                iid = self.dispatch.choose([], req.priority, self.front)
+                iid = self.dispatch.choose([], req.priority, loads)
         except NoInstanceError:
             self.pending.append(req)
             if self.autoscaler is not None and not self.front and self.num_starting == 0:
@@ -233,12 +244,35 @@ class ClusterSim:
             return
         if by_blocks is not None:
             self.dispatch.on_dispatch_blocks(iid, req.prompt_hashes(bs))
-        inst = self.instances[iid]
+        if self.cfg.stale_loads and self.model.dispatch_delay > 0:  # chosen when sent, lands later
+            self._push(self.now + self.model.dispatch_delay, DELIVER, (iid, req))
+        else:
+            self._deliver((iid, req))
+
+    def _arrival_lag(self) -> float:
+        """A request reaches its instance dispatch_delay after it is sent. With stale_loads the
+        dispatcher chooses when it is sent (DELIVER adds it later); otherwise it is an ideal
+        dispatcher that chooses, seeing the loads of that moment, when the request lands."""
+        return 0.0 if self.cfg.stale_loads else self.model.dispatch_delay
+
+    def _deliver(self, payload) -> None:
+        iid, req = payload
+        inst = self.instances.get(iid)
+        if inst is None:  # removed meanwhile (autoscaling): dispatch again
+            self._dispatch(req)
+            return
         inst.add(req)
+        if self.cfg.stale_loads:  # the front end counts it in until the instance reports again
+            view = self.reported.get(iid)
+            if view is not None:
+                view.num_waiting += 1
+                view.waiting_demand_blocks += _blocks(req.prefill_target, self.cfg.instance.block_size)
         self._kick(inst)
 
     def _on_step_end(self, inst: SimInstance) -> None:
         finished, handoff = inst.finish_step(self.now)
+        if self.cfg.stale_loads:
+            self.reported[inst.id] = copy.copy(inst.load)
         for req in finished:
             self._complete(req)
         for req in handoff:
@@ -254,10 +288,10 @@ class ClusterSim:
         req._prompt_hashes = None  # memory: 100k requests
         if req.migrating_to is not None:
             req.migrating_to = None  # its migration is aborted at the next phase
-        follow = next_turn(req, self.now, next(self._ids), self.cfg.max_model_len)
+        follow = next_turn(req, req.finish_time, next(self._ids), self.cfg.max_model_len)
         if follow is not None:
             self.live += 1
-            self._push(follow.arrival, ARRIVAL, follow)
+            self._push(follow.arrival + self._arrival_lag(), ARRIVAL, follow)
 
     # ------------------------------------------------------------ P/D split
     def _send_kv(self, prefill: SimInstance, req: SimRequest) -> None:

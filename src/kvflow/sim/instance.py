@@ -168,7 +168,7 @@ class SimInstance:
             self.prefilling.remove(req)
             req.generated += 1
             if req.first_token_time is None:
-                req.first_token_time = now
+                req.first_token_time = now + self.model.output_delay  # when the client sees it
             if req.generated >= req.output_len:
                 self._free(req, req.num_computed)
                 finished.append(req)
@@ -187,7 +187,7 @@ class SimInstance:
             self._stop_decoding(req, k + 1)
             finished.append(req)
         for req in finished:
-            req.finish_time = now
+            req.finish_time = now + self.model.output_delay
             req.instance = None
             if req.priority > 0:
                 self.num_high -= 1

@@ -28,6 +28,11 @@ class StepTimeModel:
     c: float  # seconds per decode row
     d: float  # seconds per context token
     source: str = ""  # what was measured (model, machine), for reports
+    # Front end <-> instance latencies of a real cluster (sim/serving_fit.py measures them while
+    # serving): a request reaches its instance's engine thread dispatch_delay after the client sends
+    # it; a token reaches the client output_delay after the step that made it. 0 for a bare engine.
+    dispatch_delay: float = 0.0
+    output_delay: float = 0.0
     samples: list[dict] = field(default_factory=list)  # the measured points the fit came from
 
     def step_time(self, prefill_tokens: int, decode_rows: int, context_tokens: int) -> float:
@@ -42,20 +47,24 @@ class StepTimeModel:
         try:
             data = json.loads(path.read_text())
             model = cls(**{k: float(data[k]) for k in TERMS}, source=str(data.get("source", "")),
-                        samples=list(data.get("samples", [])))
+                        samples=list(data.get("samples", [])),
+                        dispatch_delay=float(data.get("dispatch_delay", 0.0)),
+                        output_delay=float(data.get("output_delay", 0.0)))
         except FileNotFoundError:
             raise ConfigError(f"step-time fit {path} does not exist (make one with `kvflow sim calibrate`)") from None
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"step-time fit {path} is not a fit written by `kvflow sim calibrate`: {e}") from None
-        if model.a <= 0 or min(model.b, model.c, model.d) < 0:
+        if model.a <= 0 or min(model.b, model.c, model.d, model.dispatch_delay, model.output_delay) < 0:
             raise ConfigError(f"step-time fit {path}: need a > 0 and b, c, d >= 0, got {model.a}, {model.b}, "
                               f"{model.c}, {model.d}")
         return model
 
 
-def fit(samples: list[dict], source: str = "") -> StepTimeModel:
+def fit(samples: list[dict], source: str = "", relative: bool = True) -> StepTimeModel:
     """Least squares over samples {prefill_tokens, decode_rows, context_tokens, seconds}, with the
-    coefficients kept non-negative (a negative cost per token would be noise, not physics)."""
+    coefficients kept non-negative (a negative cost per token would be noise, not physics).
+    relative: minimise relative errors (a calibration grid spans 2 ms to 2 s steps); False: absolute
+    ones (serving steps, where what matters is that their sum, the simulated time, comes out right)."""
     import numpy as np
 
     if len(samples) < len(TERMS):
@@ -63,7 +72,7 @@ def fit(samples: list[dict], source: str = "") -> StepTimeModel:
     x = np.array([[1.0, s["prefill_tokens"], s["decode_rows"], s["context_tokens"]] for s in samples])
     y = np.array([s["seconds"] for s in samples])
     # Relative error matters (a 2 ms step off by 1 ms is as bad as a 200 ms one off by 100 ms).
-    w = 1.0 / np.maximum(y, 1e-6)
+    w = 1.0 / np.maximum(y, 1e-6) if relative else np.ones_like(y)
     xw, yw = x * w[:, None], y * w
     active = list(range(len(TERMS)))
     while True:  # drop the most negative term and refit: a small non-negative least squares

@@ -64,6 +64,10 @@ class SimRequest:
     num_preemptions: int = 0
     num_migrations: int = 0
     kv_transfer_time: float = 0.0
+    # A recorded trace knows the tokens: the prompt's and, where a later prompt of the trace extends
+    # this one, the answer's (load_trace). Then blocks hash by their tokens, as the engine's do, so a
+    # follow-up turn also hits the blocks of the previous answer and the block that straddles them.
+    token_ids: tuple[int, ...] | None = field(default=None, repr=False)
     _prompt_hashes: list[int] | None = field(default=None, repr=False)
 
     def output_segment(self, num_tokens: int) -> Segment:
@@ -71,11 +75,22 @@ class SimRequest:
 
     def prompt_hashes(self, block_size: int) -> list[int]:
         if self._prompt_hashes is None:
-            self._prompt_hashes = chained_hashes(self.prompt, block_size, self.prompt_len)
+            self._prompt_hashes = (token_hashes(self.token_ids, block_size, self.prompt_len)
+                                   if self.token_ids is not None else
+                                   chained_hashes(self.prompt, block_size, self.prompt_len))
         return self._prompt_hashes
 
     def content_hashes(self, block_size: int, num_tokens: int) -> list[int]:
         """Hashes of the full blocks among the first num_tokens of prompt + output."""
+        if self.token_ids is not None:
+            if num_tokens <= self.prompt_len:
+                return self.prompt_hashes(block_size)[:num_tokens // block_size]
+            if num_tokens <= len(self.token_ids):
+                return token_hashes(self.token_ids, block_size, num_tokens)
+            # the answer's tokens are unknown past here: its blocks can match nothing else
+            known = token_hashes(self.token_ids, block_size, len(self.token_ids))
+            return known + [hash(("out", self.request_id, i))
+                            for i in range(len(known), num_tokens // block_size)]
         prompt_blocks = self.prompt_hashes(block_size)
         if num_tokens <= self.prompt_len - self.prompt_len % block_size:
             return prompt_blocks[:num_tokens // block_size]
@@ -83,6 +98,16 @@ class SimRequest:
         start = len(prompt_blocks)
         return prompt_blocks + chained_hashes(content, block_size, num_tokens, start_block=start,
                                               parent=prompt_blocks[-1] if prompt_blocks else None)
+
+
+def token_hashes(ids: tuple[int, ...], block_size: int, num_tokens: int) -> list[int]:
+    """Chained hashes of the full blocks among ids[:num_tokens] (by their tokens)."""
+    hashes: list[int] = []
+    parent = None
+    for i in range(num_tokens // block_size):
+        parent = hash((parent, "tok", ids[i * block_size:(i + 1) * block_size]))
+        hashes.append(parent)
+    return hashes
 
 
 def chained_hashes(segments: tuple[Segment, ...], block_size: int, num_tokens: int,
@@ -261,11 +286,33 @@ def load_trace(path: str | Path, block_size: int) -> list[SimRequest]:
                               f"prompt_len ({type(e).__name__}: {e})") from None
         if prompt_len < 1 or output_len < 1:
             raise ConfigError(f"trace {path} line {lineno}: prompt and output lengths must be >= 1")
-        requests.append(SimRequest(len(requests), arrival, prompt, prompt_len, output_len, priority))
+        req = SimRequest(len(requests), arrival, prompt, prompt_len, output_len, priority)
+        if "prompt_token_ids" in rec:
+            req.token_ids = tuple(ids)
+        requests.append(req)
     if not requests:
         raise ConfigError(f"trace {path} holds no requests")
     requests.sort(key=lambda r: r.arrival)
+    infer_answers(requests, block_size)
     return requests
+
+
+def infer_answers(requests: list[SimRequest], block_size: int) -> None:
+    """A multi-turn trace's follow-up prompt is the previous prompt + its answer + new text: where a
+    later prompt extends a request's prompt by more than its output length, that request's answer
+    tokens are the ones that follow (the first such prompt's). Only compared within prompts sharing
+    their first block, so a large trace stays cheap."""
+    groups: dict[tuple, list[SimRequest]] = {}
+    for r in requests:  # sorted by arrival
+        if r.token_ids is not None and len(r.token_ids) >= block_size:
+            groups.setdefault(r.token_ids[:block_size], []).append(r)
+    for group in groups.values():
+        for i, a in enumerate(group):
+            n = a.prompt_len
+            for b in group[i + 1:]:
+                if len(b.token_ids) > n + a.output_len and b.token_ids[:n] == a.token_ids[:n]:
+                    a.token_ids = b.token_ids[:n + a.output_len]
+                    break
 
 
 def save_trace(requests: list[SimRequest], path: str | Path) -> None:
