@@ -96,9 +96,10 @@ class Smoothing:
             return None
 
         def apply(w: torch.Tensor, row_start: int = 0) -> torch.Tensor:
-            w = w.float() * cols[None, :]
+            w = w.to(torch.promote_types(w.dtype, torch.float32))  # (float64 stays: the tests' exact check)
+            w = w * cols.to(w.dtype)[None, :]
             if rows is not None:
-                w = w / rows[row_start:row_start + w.shape[0], None]
+                w = w / rows[row_start:row_start + w.shape[0], None].to(w.dtype)
             return w
         return apply
 
