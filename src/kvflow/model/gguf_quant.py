@@ -44,16 +44,20 @@ def direct_int4(data: np.ndarray, type_name: str, n: int, k: int) -> QuantizedTe
 _CHUNK_ROWS = 4096  # rows dequantized at once: bounds the float temporaries (the embedding is 49k rows)
 
 
-def convert(tensor, kind: str, dequantize) -> QuantizedTensor:
+def convert(tensor, kind: str, dequantize, transform=None) -> QuantizedTensor:
     """One GGUF tensor (a gguf ReaderTensor) -> QuantizedTensor of `kind`. `dequantize(raw rows, type)`
     gives float32 values [rows, k] when the raw blocks do not map onto `kind`; it is applied a chunk
-    of rows at a time (each row is quantized on its own, so chunks give the same result)."""
+    of rows at a time (each row is quantized on its own, so chunks give the same result).
+    transform(w chunk, first row): applied to the float values before quantizing (int8 smoothing)."""
     type_name = tensor.tensor_type.name
     k, n = (int(d) for d in tensor.shape[:2])
-    if kind == "int4" and type_name in _Q4_BLOCK and k % 32 == 0:
+    if kind == "int4" and type_name in _Q4_BLOCK and k % 32 == 0 and transform is None:
         return direct_int4(tensor.data, type_name, n, k)
     data = tensor.data.reshape(n, -1)
-    parts = [quantize(torch.from_numpy(np.asarray(dequantize(data[r:r + _CHUNK_ROWS], tensor.tensor_type),
-                                                  dtype=np.float32).reshape(-1, k)), kind)
-             for r in range(0, n, _CHUNK_ROWS)]
+
+    def chunk(r: int) -> torch.Tensor:
+        w = torch.from_numpy(np.asarray(dequantize(data[r:r + _CHUNK_ROWS], tensor.tensor_type),
+                                        dtype=np.float32).reshape(-1, k))
+        return w if transform is None else transform(w, r)
+    parts = [quantize(chunk(r), kind) for r in range(0, n, _CHUNK_ROWS)]
     return parts[0] if len(parts) == 1 else QuantizedTensor.cat(parts)

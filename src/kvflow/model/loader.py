@@ -19,6 +19,7 @@ from kvflow.cache import cache_dir, file_key
 from kvflow.config import ModelConfig
 from kvflow.errors import ModelLoadError, ModelNotFoundError
 from kvflow.layers.quantized_linear import QuantizedTensor
+from kvflow.model import smoothing as smoothing_mod
 from kvflow.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -84,13 +85,24 @@ def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int |
     path = _model_path(model)
     if load_format == "dummy":
         return load_dummy_model(path, dtype, device, max_positions, seed)
+    smoothing = None
+    if quantization == "int8" and smoothing_mod.enabled():  # int8 activations: model/smoothing.py
+        smoothing = smoothing_mod.load_or_calibrate(
+            path, lambda: _load(path, dtype, device, max_positions, quantization, None))
+    return _load(path, dtype, device, max_positions, quantization, smoothing)
+
+
+def _load(path: Path, dtype: torch.dtype, device: str, max_positions: int | None, quantization: str,
+          smoothing) -> LoadedModel:
+    transform = None if smoothing is None else smoothing.weight_transform
     if path.is_file():
-        config, state, tokenizer, eos = _load_gguf(path, quantization)
+        config, state, tokenizer, eos = _load_gguf(path, quantization, transform)
     else:
         config, state = _read_hf_folder(path)
         tokenizer, eos = _hf_tokenizer(path)
         if quantization in ("int8", "int4"):
-            state = {k: _quantized(v, quantization) if _is_quantizable(k) else v for k, v in state.items()}
+            state = {k: _quantized(v, quantization, transform and transform(k)) if _is_quantizable(k) else v
+                     for k, v in state.items()}
     if max_positions is not None:
         config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
     with torch.device("meta"):
@@ -99,6 +111,8 @@ def load_model(model: str, dtype: torch.dtype, device: str, max_positions: int |
         net.load_hf_state_dict({k: v if isinstance(v, QuantizedTensor) else v.to(dtype) for k, v in state.items()})
     except (ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    if smoothing is not None:
+        smoothing.fold_into(net)
     return LoadedModel(config, net.to(device).eval(), tokenizer, eos, path)
 
 
@@ -107,16 +121,16 @@ def _is_quantizable(name: str) -> bool:
     return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
-def _quantized(w: torch.Tensor, kind: str) -> QuantizedTensor:
+def _quantized(w: torch.Tensor, kind: str, transform=None) -> QuantizedTensor:
     from kvflow.layers.quantized_linear import quantize
-    return quantize(w, kind)
+    return quantize(w if transform is None else transform(w), kind)
 
 
 # ---------------- GGUF ----------------
 _WEIGHTS_CACHE_VERSION = "1"
 
 
-def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, dict, object, tuple[int, ...]]:
+def _load_gguf(path: Path, quantization: str, transform=None) -> tuple[ModelConfig, dict, object, tuple[int, ...]]:
     """Config, tensors, tokenizer and EOS ids of a GGUF file. Reading a GGUF costs seconds of Python
     (metadata parsing, dequantization) on every start, so the dequantized float32 tensors are kept
     once in the cache as safetensors and later starts read those instead (KVFLOW_WEIGHTS_CACHE=0
@@ -128,7 +142,7 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, dict, object
         except Exception as e:  # a damaged cache entry: read the file again and rewrite it
             logger.info("ignoring the weights cache in %s: %s", cached, e)
     reader = _open_gguf(path)
-    config, state = _read_gguf(reader, path, quantization)
+    config, state = _read_gguf(reader, path, quantization, transform)
     tokenizer, eos = _gguf_tokenizer(path, reader.fields)
     del reader  # unmaps the file
     if cached is not None:
@@ -202,9 +216,10 @@ def _checked_gguf_reader():
     return CheckedReader
 
 
-def _read_gguf(reader, path: Path, quantization: str = "none") -> tuple[ModelConfig, dict]:
+def _read_gguf(reader, path: Path, quantization: str = "none", transform=None) -> tuple[ModelConfig, dict]:
     """Tensors by Hugging Face name: float32 tensors, or QuantizedTensor for the weights that stay
-    quantized (converted one tensor at a time: model/gguf_quant.py)."""
+    quantized (converted one tensor at a time: model/gguf_quant.py). transform(name): None, or a
+    function applied to that tensor's float values before they are quantized (int8 smoothing)."""
     from gguf import quants
 
     from kvflow.model import gguf_quant
@@ -227,7 +242,7 @@ def _read_gguf(reader, path: Path, quantization: str = "none") -> tuple[ModelCon
         name = _hf_name(t.name, path) if t.name != "rope_freqs.weight" else t.name
         kind = gguf_quant.wanted_kind(quantization, t.tensor_type.name) if _is_quantizable(name) else "none"
         if kind != "none":
-            state[name] = gguf_quant.convert(t, kind, quants.dequantize)
+            state[name] = gguf_quant.convert(t, kind, quants.dequantize, transform and transform(name))
             continue
         if quantization == "auto" and _is_quantizable(name) and t.tensor_type.name not in ("F32", "F16", "BF16"):
             dequantized_types.add(t.tensor_type.name)
