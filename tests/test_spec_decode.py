@@ -769,12 +769,12 @@ def test_bench_spec_tiny(make_llm, monkeypatch, tmp_path):
         rc = cli.main(["bench", "spec", "--dataset-path", str(data), "--workload", "grounded", "--workload", "chat",
                        "--num-prompts", "1", "--batch-size", "2", "--output-len", "6", "--passage-tokens", "48",
                        "--methods", "ngram", "--methods", 'k2={"method": "recycle", "num_speculative_tokens": 2}',
-                       "--batch-methods", "auto", "--no-hf-peer", "--json", str(path)])
+                       "--batch-methods", "ngram", "--no-hf-peer", "--json", str(path)])
     assert rc == 0, out.getvalue()
     res = json.loads(path.read_text())
     for workload in ("grounded", "chat"):
         w = res["workloads"][workload]
-        assert list(w["single"]) == ["no-spec", "ngram", "k2"] and list(w["batch"]) == ["no-spec", "auto"]
+        assert list(w["single"]) == ["no-spec", "ngram", "k2"] and list(w["batch"]) == ["no-spec", "ngram"]
         for table in (w["single"], w["batch"]):
             assert table["no-spec"]["ratio"] == pytest.approx(1.0)
             for name, row in table.items():
