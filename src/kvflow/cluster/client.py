@@ -396,13 +396,6 @@ class ClusterClient(ServingLifecycle):
                 h.actor.abort.remote(request_id)
         self._observe_end(route, "abort")
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       priority: int = 0):
-        stream = await self.add_request(request_id, prompt, params, priority)
-        async with stream:
-            async for out in stream:
-                yield out
-
     # ---------------- dispatch ----------------
     def _open(self, roles: tuple[str, ...]) -> list[InstanceHandle]:
         return [h for h in self.instances.values() if h.alive and not h.draining and h.role in roles]

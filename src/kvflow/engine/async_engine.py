@@ -251,6 +251,14 @@ class ServingLifecycle:
             await asyncio.sleep(0.02)
         return not self._in_flight()
 
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       priority: int = 0):
+        """Convenience: an async generator of delta outputs; aborts the request if left early."""
+        stream = await self.add_request(request_id, prompt, params, priority)
+        async with stream:
+            async for out in stream:
+                yield out
+
     def check_admission(self, num_seqs: int = 1) -> None:
         """Raise unless `num_seqs` more sequences may start now: EngineDeadError if nothing can run,
         ShuttingDownError while draining, InvalidRequestError if that many could never be admitted
@@ -375,14 +383,6 @@ class AsyncEngine(ServingLifecycle):
             stream.closed = True
             raise
         return stream
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       priority: int = 0):
-        """Convenience: an async generator of delta outputs; aborts the request if left early."""
-        stream = await self.add_request(request_id, prompt, params, priority)
-        async with stream:
-            async for out in stream:
-                yield out
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """fn(engine), run on the engine thread between two steps; its result or its exception."""
