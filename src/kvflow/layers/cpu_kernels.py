@@ -1,4 +1,4 @@
-"""Builds and loads the C kernels in csrc/ (paged decode attention, small-batch matmul) with the system C compiler (about a second, once per
+"""Builds and loads the C kernels in csrc/ (paged decode attention, small-batch matmul, fused ops, quantized decode steps) with the system C compiler (about a second, once per
 machine; cached under ~/.cache/kvflow). The library links libgomp by soname, so it shares the
 OpenMP runtime torch already loaded. Without a compiler, or with KVFLOW_CPU_KERNELS=0, kvflow runs
 the plain-torch path: same results up to float rounding."""
@@ -61,6 +61,7 @@ def _build() -> ctypes.CDLL | None:
         getattr(lib, f"rotary_{t}").argtypes = [p, i, i, i, i, p, p]
         for name in ("add_rmsnorm", "silu_mul", "rotary"):
             getattr(lib, f"{name}_{t}").restype = None
+    lib.quantized_decode_step.argtypes, lib.quantized_decode_step.restype = [p, p], i  # csrc/quantized_decode.c
     return lib
 
 

@@ -1,0 +1,320 @@
+/* Whole decode steps of a quantized (int8 / int4) Llama-family model in one call: every layer's
+ * norms, matmuls, rotary, KV write and attention, for M decode tokens (one query token per request).
+ *
+ * Why: at batch 1 a decode step of a small model is mostly per-op overhead. Run layer by layer through
+ * torch, SmolLM2-135M's int8 step is ~25 ms, of which the matmuls take ~12 and the rest is hundreds of
+ * small torch calls and their Python; llama.cpp's whole Q8_0 token takes ~15 ms. Here a step is one
+ * call from Python, and the matmuls read the quantized weights in place:
+ *   int8 (W8A8, as layers/quantized_linear.py's "w8a8"): each input row is quantized to int8 with one
+ *     scale a = max|x| / 127 (x / a rounded half to even), multiplied by the int8 weights in int32
+ *     with the CPU's int8 dot products (AVX-512 VNNI), then scaled by a and the weight's per-output-
+ *     channel scale. VNNI multiplies unsigned by signed bytes, so activations are stored as x + 128
+ *     and the weight row sums correct the product: sum (x + 128) w - 128 sum w = sum x w.
+ *   int4 (torch's CPU int4 pack, group-wise scale and zero in bfloat16): weights are unpacked to
+ *     float32 in registers and multiplied by the float32 activations, one group at a time:
+ *     sum_k ((q - 8) s + z) x = s (sum_k q x - 8 sum_k x) + z sum_k x.
+ * The residual stream and every intermediate stay in float32 (the torch path rounds them to the
+ * compute dtype). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+/* from fused_ops.c and paged_decode.c */
+void add_rmsnorm_f32(const float* x, float* residual, const float* w, float* out, int rows, int H, float eps);
+void silu_mul_f32(const float* gu, float* out, int rows, int I);
+void rotary_f32(float* x, int rows, int stride, int H, int D, const float* cos, const float* sin);
+#define DECODE_ARGS int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale, const float* k_scale, \
+    const float* v_scale
+void paged_decode_f32_f32(const float* q, const float* kc, const float* vc, const int64_t* tables,
+                          const int64_t* ctx_lens, float* out, DECODE_ARGS);
+void paged_decode_f32_bf16(const float* q, const uint16_t* kc, const uint16_t* vc, const int64_t* tables,
+                           const int64_t* ctx_lens, float* out, DECODE_ARGS);
+void paged_decode_f32_i8(const float* q, const int8_t* kc, const int8_t* vc, const int64_t* tables,
+                         const int64_t* ctx_lens, float* out, DECODE_ARGS);
+
+enum { LINEAR_INT8 = 0, LINEAR_INT4 = 1 };
+
+typedef struct {
+    int kind;
+    const void* q;           /* int8 [N, K] | int4: torch's pack, bytes [N / 64, K, 32] */
+    const float* scale;      /* int8: [N] */
+    const int32_t* qsum;     /* int8: [N], sum_k q[n, k] */
+    const uint16_t* sz;      /* int4: bfloat16 [K / group, N, 2] (scale, zero) */
+    const float* bias;       /* [N] or NULL */
+    int N, K, group;
+} QLinear;
+
+typedef struct {
+    const float* input_norm;  /* [H] float32 */
+    const float* post_norm;   /* [H] */
+    QLinear qkv, o, gate_up, down;
+    void* k_cache;            /* [num_blocks, BS, Hk, D] in the cache dtype */
+    void* v_cache;
+    float* k_scale;           /* int8 caches: [num_blocks, BS, Hk] */
+    float* v_scale;
+} DecodeLayer;
+
+enum { CACHE_F32 = 0, CACHE_BF16 = 1, CACHE_I8 = 2 };
+
+typedef struct {
+    int M, H, Hq, Hk, D, I, BS, max_blocks, cache_kind, num_layers;
+    float eps, attn_scale;
+    const int64_t* slots;     /* [M] flat cache slot of each token */
+    const int64_t* tables;    /* [M, max_blocks] */
+    const int64_t* ctx_lens;  /* [M], this token included */
+    const float* cos;         /* [M, D] */
+    const float* sin;
+    const float* final_norm;  /* [H] */
+    float* x;                 /* in: embeddings [M, H]; out: the final normed hidden states */
+} DecodeStep;
+
+/* ---------------- W8A8 matmul ---------------- */
+static void quantize_rows(const float* x, int M, int K, uint8_t* xu, float* xa) {
+    for (int m = 0; m < M; m++) {
+        const float* r = x + (int64_t)m * K;
+        float mx = 0.f;
+        for (int k = 0; k < K; k++) mx = fmaxf(mx, fabsf(r[k]));
+        const float a = fmaxf(mx, 1e-12f) / 127.f;
+        xa[m] = a;
+        uint8_t* u = xu + (int64_t)m * K;
+        for (int k = 0; k < K; k++) u[k] = (uint8_t)((int)nearbyintf(r[k] / a) + 128);
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
+    __m512i acc = _mm512_setzero_si512();
+    int k = 0;
+    for (; k + 64 <= K; k += 64)
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(x + k), _mm512_loadu_si512(w + k));
+    if (k < K) {
+        const __mmask64 tail = (__mmask64)-1 >> (64 - (K - k));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_maskz_loadu_epi8(tail, x + k), _mm512_maskz_loadu_epi8(tail, w + k));
+    }
+    return _mm512_reduce_add_epi32(acc);
+}
+
+/* d[r] = x . w[r] for four consecutive weight rows, K a multiple of 64: more loads in flight, and
+ * each x vector is used four times. */
+static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* d) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int k = 0; k < K; k += 64) {
+        const __m512i xv = _mm512_loadu_si512(x + k);
+        a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512(w + k));
+        a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512(w + K + k));
+        a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512(w + 2 * K + k));
+        a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512(w + 3 * K + k));
+    }
+    d[0] = _mm512_reduce_add_epi32(a0); d[1] = _mm512_reduce_add_epi32(a1);
+    d[2] = _mm512_reduce_add_epi32(a2); d[3] = _mm512_reduce_add_epi32(a3);
+}
+#define HAVE_VNNI 1
+#else  /* no AVX-512 VNNI: plain loops (the kernel then usually loses to torch, and is not chosen) */
+static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
+    int32_t s = 0;
+    for (int k = 0; k < K; k++) s += (int32_t)x[k] * (int32_t)w[k];
+    return s;
+}
+
+static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* d) {
+    for (int r = 0; r < 4; r++) d[r] = dot_u8s8(x, w + (int64_t)r * K, K);
+}
+#define HAVE_VNNI 0
+#endif
+
+/* y [M, N] = dequant(quant(x) @ q.T) (+ bias). Output rows are split across the OpenMP threads, four
+ * at a time; every row of x is used while those weight rows are in L1. */
+static void linear_int8(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
+    const int N = L->N, K = L->K;
+    quantize_rows(x, M, K, xu, xa);
+    #pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += 4) {
+        const int rows = N - n0 < 4 ? N - n0 : 4;
+        for (int m = 0; m < M; m++) {
+            const uint8_t* xr = xu + (int64_t)m * K;
+            int32_t d[4];
+            if (rows == 4 && (K & 63) == 0) dot4_u8s8(xr, (const int8_t*)L->q + (int64_t)n0 * K, K, d);
+            else for (int r = 0; r < rows; r++) d[r] = dot_u8s8(xr, (const int8_t*)L->q + (int64_t)(n0 + r) * K, K);
+            float* yr = y + (int64_t)m * N + n0;
+            for (int r = 0; r < rows; r++) {
+                const int n = n0 + r;
+                yr[r] = (float)(d[r] - 128 * L->qsum[n]) * xa[m] * L->scale[n] + (L->bias ? L->bias[n] : 0.f);
+            }
+        }
+    }
+}
+
+
+/* y [M, N] = x @ dequant(W).T (+ bias) for torch's int4 pack: byte (b, k, j) of [N / 64, K, 32] holds
+ * q[64b + j, k] in its low nibble and q[64b + 32 + j, k] in its high one. So a k's 32 bytes give one
+ * column of 64 output rows: the kernel walks blocks of 64 rows (one block per OpenMP task), adding
+ * x[k] times that column into 64 float accumulators, and applies the group's scales and zeros at the
+ * end of each group. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+static void int4_block(const uint8_t* p, const uint16_t* sz, const float* x, const float* xsum, int K, int N,
+                       int group, float* y) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int g = 0; g < K / group; g++) {
+        __m512 ga[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int k = g * group; k < (g + 1) * group; k++) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i*)(p + (int64_t)k * 32));
+            const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            const __m512 xk = _mm512_set1_ps(x[k]);
+            ga[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))), xk, ga[0]);
+            ga[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))), xk, ga[1]);
+            ga[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), xk, ga[2]);
+            ga[3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), xk, ga[3]);
+        }
+        const __m512 sx = _mm512_set1_ps(xsum[g]), sx8 = _mm512_set1_ps(8.f * xsum[g]);
+        for (int i = 0; i < 4; i++) {  /* (scale, zero) bf16 pairs of 16 rows: one 32-bit word per row */
+            const __m512i pairs = _mm512_loadu_si512(sz + ((int64_t)g * N + 16 * i) * 2);
+            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+            const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high16));
+            acc[i] = _mm512_fmadd_ps(scale, _mm512_sub_ps(ga[i], sx8), _mm512_fmadd_ps(zero, sx, acc[i]));
+        }
+    }
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + 16 * i, acc[i]);
+}
+#else
+static void int4_block(const uint8_t* p, const uint16_t* sz, const float* x, const float* xsum, int K, int N,
+                       int group, float* y) {
+    for (int j = 0; j < 64; j++) y[j] = 0.f;
+    for (int g = 0; g < K / group; g++) {
+        float ga[64] = {0};
+        for (int k = g * group; k < (g + 1) * group; k++)
+            for (int j = 0; j < 32; j++) {
+                const uint8_t byte = p[(int64_t)k * 32 + j];
+                ga[j] += (float)(byte & 15) * x[k];
+                ga[j + 32] += (float)(byte >> 4) * x[k];
+            }
+        for (int j = 0; j < 64; j++) {
+            const uint16_t* pair = sz + ((int64_t)g * N + j) * 2;
+            y[j] += bf16_to_f32(pair[0]) * (ga[j] - 8.f * xsum[g]) + bf16_to_f32(pair[1]) * xsum[g];
+        }
+    }
+}
+#endif
+
+static void linear_int4(const QLinear* L, const float* x, int M, float* xsum, float* y) {
+    const int N = L->N, K = L->K, G = L->group, ng = K / G;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < ng; g++) {
+            float sum = 0.f;
+            for (int k = g * G; k < (g + 1) * G; k++) sum += x[(int64_t)m * K + k];
+            xsum[m * ng + g] = sum;
+        }
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < N / 64; b++) {
+        const uint8_t* p = (const uint8_t*)L->q + (int64_t)b * K * 32;
+        for (int m = 0; m < M; m++) {
+            float* yr = y + (int64_t)m * N + 64 * b;
+            int4_block(p, L->sz + (int64_t)64 * b * 2, x + (int64_t)m * K, xsum + m * ng, K, N, G, yr);
+            if (L->bias)
+                for (int j = 0; j < 64; j++) yr[j] += L->bias[64 * b + j];
+        }
+    }
+}
+
+/* xu / xa: int8 scratch (M x the largest K bytes, M floats); int4 uses xa as M x (K / group) floats */
+static void linear(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
+    if (L->kind == LINEAR_INT8) linear_int8(L, x, M, xu, xa, y);
+    else linear_int4(L, x, M, xa, y);
+}
+
+/* ---------------- KV write ---------------- */
+static void write_kv(const DecodeStep* s, const DecodeLayer* layer, const float* qkv, int stride) {
+    const int Hk = s->Hk, D = s->D, q_size = s->Hq * D, kv_size = Hk * D;
+    for (int t = 0; t < s->M; t++) {
+        const float* src[2] = {qkv + (int64_t)t * stride + q_size, qkv + (int64_t)t * stride + q_size + kv_size};
+        void* dst[2] = {layer->k_cache, layer->v_cache};
+        float* dst_scale[2] = {layer->k_scale, layer->v_scale};
+        const int64_t base = s->slots[t] * Hk;  /* (slot, head 0) */
+        for (int kv = 0; kv < 2; kv++) {
+            for (int h = 0; h < Hk; h++) {
+                const float* v = src[kv] + h * D;
+                const int64_t row = (base + h) * D;
+                if (s->cache_kind == CACHE_F32) {
+                    memcpy((float*)dst[kv] + row, v, sizeof(float) * D);
+                } else if (s->cache_kind == CACHE_BF16) {
+                    uint16_t* o = (uint16_t*)dst[kv] + row;
+                    for (int d = 0; d < D; d++) o[d] = f32_to_bf16(v[d]);
+                } else {  /* int8, one scale per (token, head): as kv_quant.quantize */
+                    float mx = 0.f;
+                    for (int d = 0; d < D; d++) mx = fmaxf(mx, fabsf(v[d]));
+                    const float sc = fmaxf(mx, 1e-8f) / 127.f;
+                    int8_t* o = (int8_t*)dst[kv] + row;
+                    for (int d = 0; d < D; d++) {
+                        float q = nearbyintf(v[d] / sc);
+                        o[d] = (int8_t)(q > 127.f ? 127.f : (q < -127.f ? -127.f : q));
+                    }
+                    dst_scale[kv][base + h] = sc;
+                }
+            }
+        }
+    }
+}
+
+static void attend(const DecodeStep* s, const DecodeLayer* layer, const float* q, float* out) {
+    const int args[] = {s->M, s->Hq, s->Hk, s->D, s->BS, s->max_blocks};
+#define ATTEND(FN, T) FN(q, (const T*)layer->k_cache, (const T*)layer->v_cache, s->tables, s->ctx_lens, out, \
+    args[0], args[1], args[2], args[3], args[4], args[5], s->attn_scale, layer->k_scale, layer->v_scale)
+    if (s->cache_kind == CACHE_F32) ATTEND(paged_decode_f32_f32, float);
+    else if (s->cache_kind == CACHE_BF16) ATTEND(paged_decode_f32_bf16, uint16_t);
+    else ATTEND(paged_decode_f32_i8, int8_t);
+#undef ATTEND
+}
+
+static int max4(int a, int b, int c, int d) {
+    int m = a > b ? a : b;
+    m = m > c ? m : c;
+    return m > d ? m : d;
+}
+
+/* ---------------- the step ---------------- */
+int quantized_decode_step(const DecodeLayer* layers, const DecodeStep* s) {
+    const int M = s->M, H = s->H, D = s->D, q_size = s->Hq * D;
+    const int qkv_n = layers[0].qkv.N, gu_n = layers[0].gate_up.N;
+    const int max_k = max4(H, q_size, s->I, 64);
+    /* one allocation for the step's scratch: residual, normed, qkv, q, attention out, gate_up, act, quantized x */
+    const int64_t floats = (int64_t)M * (2 * H + qkv_n + 2 * q_size + gu_n + s->I + max_k);  /* xa: M x max_k */
+    float* buf = (float*)aligned_alloc(64, ((floats * 4 + (int64_t)M * max_k + 63) / 64) * 64);
+    if (!buf) return -1;
+    float* residual = buf;
+    float* h = residual + (int64_t)M * H;
+    float* qkv = h + (int64_t)M * H;
+    float* q = qkv + (int64_t)M * qkv_n;
+    float* attn = q + (int64_t)M * q_size;
+    float* gu = attn + (int64_t)M * q_size;
+    float* act = gu + (int64_t)M * gu_n;
+    float* xa = act + (int64_t)M * s->I;
+    uint8_t* xu = (uint8_t*)(xa + (int64_t)M * max_k);
+    float* x = s->x;
+
+    memcpy(residual, x, sizeof(float) * M * H);
+    add_rmsnorm_f32(residual, NULL, layers[0].input_norm, h, M, H, s->eps);
+    for (int i = 0; i < s->num_layers; i++) {
+        const DecodeLayer* L = &layers[i];
+        if (i > 0) add_rmsnorm_f32(x, residual, L->input_norm, h, M, H, s->eps);
+        linear(&L->qkv, h, M, xu, xa, qkv);
+        rotary_f32(qkv, M, qkv_n, s->Hq + s->Hk, D, s->cos, s->sin);
+        write_kv(s, L, qkv, qkv_n);
+        for (int t = 0; t < M; t++) memcpy(q + (int64_t)t * q_size, qkv + (int64_t)t * qkv_n, sizeof(float) * q_size);
+        attend(s, L, q, attn);
+        linear(&L->o, attn, M, xu, xa, h);
+        add_rmsnorm_f32(h, residual, L->post_norm, h, M, H, s->eps);
+        linear(&L->gate_up, h, M, xu, xa, gu);
+        silu_mul_f32(gu, act, M, s->I);
+        linear(&L->down, act, M, xu, xa, x);
+    }
+    add_rmsnorm_f32(x, residual, s->final_norm, x, M, H, s->eps);
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,155 @@
+"""Decode steps of a quantized Llama-family model in one C call (layers/csrc/quantized_decode.c).
+
+At batch 1 a small model's decode step is mostly per-op overhead: layer by layer through torch,
+SmolLM2-135M's int8 step makes ~600 torch calls. The C step runs every layer's norms, matmuls (int8
+W8A8 with AVX-512 VNNI, or int4 read from torch's pack), rotary, KV write and paged attention
+itself; Python makes one call. The LM head stays in torch (one call).
+
+It applies to steps whose tokens are all decodes (one query token per request, no draft tree) on a
+model whose every layer's matmuls are int8 (W8A8-able) or int4 and that has no per-head q/k norm,
+with a float32, bfloat16 or int8 KV cache. Whether it runs is measured like the other fused ops (layers/op_select.py): the first
+decode step of each batch-size class times it against the layer-by-layer path on that step's own
+inputs (re-running a decode step rewrites the same KV slots, so timing it twice is harmless), and
+KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8 path's and its int4
+ones the int4 kernels' with float32 activations; the residual stream stays in float32.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kvflow.layers import cpu_kernels, op_select
+from kvflow.layers.attention import AttentionMetadata, resolve_backend
+from kvflow.layers.quantized_linear import QuantizedLinear
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+_KINDS = {"int8": 0, "int4": 1}
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _I), ("q", _P), ("scale", _P), ("qsum", _P), ("sz", _P), ("bias", _P), ("N", _I),
+                ("K", _I), ("group", _I)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_norm", _P), ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear),
+                ("down", _Linear), ("k_cache", _P), ("v_cache", _P), ("k_scale", _P), ("v_scale", _P)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [(n, _I) for n in ("M", "H", "Hq", "Hk", "D", "I", "BS", "max_blocks", "cache_kind", "num_layers")] + [
+        ("eps", _F), ("attn_scale", _F)] + [
+        (n, _P) for n in ("slots", "tables", "ctx_lens", "cos", "sin", "final_norm", "x")]
+
+
+def _runs_in_c(m: torch.nn.Module) -> bool:
+    """int8 (not W8A16-only) or int4 (torch's pack: 64-row blocks) weights on the CPU."""
+    return (isinstance(m, QuantizedLinear) and m.kind in _KINDS and not m.a16
+            and next(m.buffers()).device.type == "cpu")
+
+
+class QuantizedDecodeStep:
+    """Built once per model by `build`; `maybe_run` runs a step or returns None (not applicable or
+    measured slower)."""
+
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.config
+        self.model = model
+        self.keep: list[torch.Tensor] = []  # float32 norms and weight row sums the C structs point at
+        self.layers = (_Layer * cfg.num_layers)()
+        for c_layer, layer in zip(self.layers, model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            c_layer.input_norm = self._keep(layer.input_layernorm.weight.float())
+            c_layer.post_norm = self._keep(layer.post_attention_layernorm.weight.float())
+            for field, linear in (("qkv", attn.qkv_proj), ("o", attn.o_proj), ("gate_up", mlp.gate_up_proj),
+                                  ("down", mlp.down_proj)):
+                setattr(c_layer, field, self._linear(linear))
+        self.final_norm = self._keep(model.norm.weight.float())
+        self.cache_key: tuple | None = None
+        self.step = _Step(H=cfg.hidden_size, Hq=cfg.num_heads, Hk=cfg.num_kv_heads, D=cfg.head_dim,
+                          I=cfg.intermediate_size, eps=cfg.rms_norm_eps, attn_scale=cfg.head_dim ** -0.5,
+                          final_norm=self.final_norm)
+
+    @classmethod
+    def build(cls, model: torch.nn.Module) -> QuantizedDecodeStep | None:
+        """None unless every layer can run in the C step on this machine."""
+        if cpu_kernels.kernels() is None or not hasattr(model, "layers"):
+            return None
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if attn.q_norm is not None or not all(_runs_in_c(m) for m in linears):
+                return None
+        return cls(model)
+
+    def _keep(self, t: torch.Tensor) -> int:
+        t = t.contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _linear(self, m: QuantizedLinear) -> _Linear:
+        bias = None if m.bias is None else self._keep(m.bias.float())
+        c = _Linear(kind=_KINDS[m.kind], bias=bias, N=m.out_features, K=m.in_features)
+        if m.kind == "int8":
+            c.q, c.scale, c.qsum = m.q.data_ptr(), m.scale.data_ptr(), self._keep(m.q.sum(1, dtype=torch.int32))
+        else:
+            c.q, c.sz, c.group = m.packed.data_ptr(), m.scales_zeros.data_ptr(), m.group_size
+        return c
+
+    # ---- per step ----
+    def applies(self, input_ids: torch.Tensor, kv_caches: list, meta: AttentionMetadata) -> bool:
+        groups = meta.groups
+        if len(groups) != 1 or groups[0].ctx_lens is None or groups[0].tree:
+            return False
+        g = groups[0]
+        k_cache = kv_caches[0][0]
+        return (g.ctx_lens.shape[0] == input_ids.shape[0] and input_ids.device.type == "cpu"
+                and k_cache.dtype in _CACHE_KINDS and resolve_backend(meta.backend, input_ids.device) == "cpu"
+                and cpu_kernels.can_run_decode(torch.empty(1, self.step.Hq, self.step.D), k_cache))
+
+    def maybe_run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
+                  meta: AttentionMetadata, num_layers: int | None, layer_by_layer) -> torch.Tensor | None:
+        if not self.applies(input_ids, kv_caches, meta):
+            return None
+        M = input_ids.shape[0]
+        key = ("quantized_decode", self.step.H, len(self.layers), kv_caches[0][0].dtype, op_select.rows_class(M))
+
+        def candidates():
+            return {"c": lambda: self.run(input_ids, positions, kv_caches, meta, num_layers),
+                    "torch": lambda: layer_by_layer()}
+
+        if op_select.choose(key, candidates, reps=3) != "c":
+            return None
+        return self.run(input_ids, positions, kv_caches, meta, num_layers)
+
+    def _set_caches(self, kv_caches: list) -> None:
+        key = tuple(c[0].data_ptr() for c in kv_caches)
+        if key == self.cache_key:
+            return
+        for c_layer, cache in zip(self.layers, kv_caches):
+            scale = getattr(cache, "scale", None)
+            c_layer.k_cache, c_layer.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
+            c_layer.k_scale, c_layer.v_scale = (None, None) if scale is None else (scale[0].data_ptr(),
+                                                                                  scale[1].data_ptr())
+        self.cache_key = key
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata,
+            num_layers: int | None) -> torch.Tensor:
+        model, g = self.model, meta.groups[0]
+        self._set_caches(kv_caches)
+        x = model.embed_tokens(input_ids).float().contiguous()
+        cos, sin = model.rotary.cos[positions].contiguous(), model.rotary.sin[positions].contiguous()
+        slots, tables, ctx_lens = (t.contiguous() for t in (meta.slot_mapping, g.block_tables, g.ctx_lens))
+        k_cache = kv_caches[0][0]
+        s = self.step
+        s.M, s.BS, s.max_blocks = input_ids.shape[0], k_cache.shape[1], tables.shape[1]
+        s.cache_kind, s.num_layers = _CACHE_KINDS[k_cache.dtype], min(num_layers or len(self.layers), len(self.layers))
+        s.slots, s.tables, s.ctx_lens = slots.data_ptr(), tables.data_ptr(), ctx_lens.data_ptr()
+        s.cos, s.sin, s.x = cos.data_ptr(), sin.data_ptr(), x.data_ptr()
+        if cpu_kernels.kernels().quantized_decode_step(ctypes.byref(self.layers), ctypes.byref(s)) != 0:
+            raise MemoryError("quantized_decode_step: out of memory for the step's scratch")
+        return x.to(model.norm.weight.dtype)

@@ -1,0 +1,91 @@
+"""The one-call int8 decode step (model/quantized_decode.py, csrc/quantized_decode.c) computes what the
+layer-by-layer W8A8 path computes: the same final hidden states and the same KV cache contents, for
+ragged batches, every KV cache dtype it takes, and q/k/v biases; engines give the same greedy tokens
+either way; models it cannot run are left to the layer-by-layer path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_helpers import assert_all_blocks_free, save_tiny_model
+from kvflow import LLM, SamplingParams
+from kvflow.layers import cpu_kernels, kernel_choice
+from kvflow.worker.model_runner import build_batch
+
+pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="no C compiler: the CPU kernels are off")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _w8a8():
+    kernel_choice.force({"int8": "w8a8", "int4": "int4pack"})  # the layer-by-layer path the C step must equal
+    yield
+    kernel_choice.force(None)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tokenizer, tmp_path_factory) -> dict[str, str]:
+    out = {}
+    for arch in ("llama", "qwen2", "qwen3"):  # qwen2: q/k/v biases; qwen3: q/k norms (not taken)
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        save_tiny_model(path, tokenizer, arch)
+        out[arch] = str(path)
+    return out
+
+
+def _engine(path: str, quantization: str = "int8", **options) -> LLM:
+    return LLM(model=path, quantization=quantization, dtype="float32", num_gpu_blocks=32, **options)
+
+
+# int4: torch's int4 kernel rounds the activations to bfloat16, the C step keeps them in float32
+TOL = {"int8": 1e-3, "int4": 2e-2}
+
+
+@pytest.mark.parametrize("arch,kv,quant", [("llama", "float32", "int8"), ("llama", "bfloat16", "int8"),
+                                           ("llama", "int8", "int8"), ("qwen2", "float32", "int8"),
+                                           ("llama", "bfloat16", "int4"), ("qwen2", "float32", "int4")])
+def test_step_equals_layer_by_layer(tiny_dirs, arch, kv, quant):
+    llm = _engine(tiny_dirs[arch], quant, kv_cache_dtype=kv)
+    runner = llm.engine.runner
+    model, caches, bs = runner.model, runner.kv_caches, runner.block_size
+    assert model.quantized_decode is not None
+    gen = torch.Generator().manual_seed(0)
+    lens = [5, 23, 40]  # contexts of 1, 2 and 3 blocks, blocks not in order
+    blocks = [[7], [2, 9], [4, 1, 12]]
+    ids = [torch.randint(3, 1000, (n + 1,), generator=gen).tolist() for n in lens]
+    with torch.inference_mode():
+        for seq, b in zip(ids, blocks):  # the prompts, layer by layer
+            pre = build_batch([(seq[:-1], 0, b)], bs, torch.device("cpu"))
+            model._forward_layers(pre.input_ids, pre.positions, caches, pre.meta, None)
+        dec = build_batch([(seq[-1:], n, b) for seq, n, b in zip(ids, lens, blocks)], bs, torch.device("cpu"))
+        got = model.quantized_decode.run(dec.input_ids, dec.positions, caches, dec.meta, None)
+        got_cache = [c.data.clone() for c in caches]
+        want = model._forward_layers(dec.input_ids, dec.positions, caches, dec.meta, None)
+        for c, g in zip(caches, got_cache):  # the C step wrote what the torch path writes (int8: +-1 step)
+            assert torch.allclose(c.data.float(), g.float(), rtol=10 * TOL[quant], atol=1.0 if kv == "int8" else TOL[quant])
+        assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
+        # fewer layers (layer_skip drafts) stop early in both
+        short = model.quantized_decode.run(dec.input_ids, dec.positions, caches, dec.meta, 1)
+        assert torch.allclose(short, model._forward_layers(dec.input_ids, dec.positions, caches, dec.meta, 1),
+                              atol=TOL[quant] * float(short.abs().max()))
+
+
+def test_engine_greedy_tokens_same_either_way(tiny_dirs, monkeypatch):
+    llm = _engine(tiny_dirs["llama"])
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [99] * 17]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    calls = []
+    run = llm.engine.runner.model.quantized_decode.run
+    monkeypatch.setattr(llm.engine.runner.model.quantized_decode, "run", lambda *a: calls.append(1) or run(*a))
+    outs = {}
+    for mode in ("torch", "c"):  # KVFLOW_FUSED_OPS forces a side of every measured choice
+        monkeypatch.setenv("KVFLOW_FUSED_OPS", mode)
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+        assert_all_blocks_free(llm)
+        assert bool(calls) == (mode == "c")
+    assert outs["c"] == outs["torch"]
+
+
+def test_not_taken_where_it_cannot_run(tiny_dirs):
+    assert _engine(tiny_dirs["qwen3"]).engine.runner.model.quantized_decode is None  # per-head q/k norms
+    float_llm = LLM(model=tiny_dirs["llama"], dtype="float32", num_gpu_blocks=32)
+    assert float_llm.engine.runner.model.quantized_decode is None
