@@ -61,7 +61,7 @@ def _build() -> ctypes.CDLL | None:
         getattr(lib, f"rotary_{t}").argtypes = [p, i, i, i, i, p, p]
         for name in ("add_rmsnorm", "silu_mul", "rotary"):
             getattr(lib, f"{name}_{t}").restype = None
-    lib.quantized_decode_step.argtypes, lib.quantized_decode_step.restype = [p, p], i  # csrc/quantized_decode.c
+    lib.fused_decode_step.argtypes, lib.fused_decode_step.restype = [p, p], i  # csrc/fused_decode.c
     return lib
 
 

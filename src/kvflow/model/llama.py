@@ -16,7 +16,7 @@ from kvflow.layers.linear import Linear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.quantized_linear import QuantizedTensor, cat_rows, install_quantized
 from kvflow.layers.rotary import RotaryEmbedding, apply_rotary, rotate_heads
-from kvflow.model.quantized_decode import QuantizedDecodeStep
+from kvflow.model.fused_decode import FusedDecodeStep
 
 
 class Attention(nn.Module):
@@ -93,7 +93,7 @@ class LlamaForCausalLM(nn.Module):
         with torch.device("cpu"):  # real even when the loader builds the weights on "meta"
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.requires_grad_(False)
-        self.quantized_decode: QuantizedDecodeStep | None = None  # set by enable_quantized_decode
+        self.fused_decode: FusedDecodeStep | None = None  # set by enable_fused_decode
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, num_layers: int | None = None) -> torch.Tensor:
@@ -102,8 +102,8 @@ class LlamaForCausalLM(nn.Module):
         def layer_by_layer():
             return self._forward_layers(input_ids, positions, kv_caches, meta, num_layers)
 
-        if self.quantized_decode is not None:
-            out = self.quantized_decode.maybe_run(input_ids, positions, kv_caches, meta, num_layers, layer_by_layer)
+        if self.fused_decode is not None:
+            out = self.fused_decode.maybe_run(input_ids, positions, kv_caches, meta, num_layers, layer_by_layer)
             if out is not None:
                 return out
         return layer_by_layer()
@@ -116,10 +116,10 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos_sin, kv_cache, meta)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
-    def enable_quantized_decode(self) -> bool:
-        """Decode steps in one C call where every layer is int8 or int4 (model/quantized_decode.py)."""
-        self.quantized_decode = QuantizedDecodeStep.build(self)
-        return self.quantized_decode is not None
+    def enable_fused_decode(self) -> bool:
+        """Decode steps in one C call where every layer is int8, int4 or bf16 (model/fused_decode.py)."""
+        self.fused_decode = FusedDecodeStep.build(self)
+        return self.fused_decode is not None
 
     def warm_up_op_choices(self, max_rows: int) -> None:
         """Make the measured C-vs-torch choices of the fused ops (layers/op_select.py) for every

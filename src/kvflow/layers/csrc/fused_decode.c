@@ -1,4 +1,4 @@
-/* Whole decode steps of a quantized (int8 / int4) Llama-family model in one call: every layer's
+/* Whole decode steps of a quantized (int8 / int4) or bfloat16 Llama-family model in one call: every layer's
  * norms, matmuls, rotary, KV write and attention, for M decode tokens (one query token per request).
  *
  * Why: at batch 1 a decode step of a small model is mostly per-op overhead. Run layer by layer through
@@ -13,9 +13,11 @@
  *   int4 (torch's CPU int4 pack, group-wise scale and zero in bfloat16): weights are unpacked to
  *     float32 in registers and multiplied by the float32 activations, one group at a time:
  *     sum_k ((q - 8) s + z) x = s (sum_k q x - 8 sum_k x) + z sum_k x.
+ *   bf16 (a bfloat16 model): activations rounded to bfloat16 and multiplied with the CPU's bf16 dot
+ *     products (AVX-512 BF16).
  * The residual stream and every intermediate stay in float32 (the torch path rounds them to the
  * compute dtype). */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 #include <math.h>
@@ -38,11 +40,11 @@ void paged_decode_f32_bf16(const float* q, const uint16_t* kc, const uint16_t* v
 void paged_decode_f32_i8(const float* q, const int8_t* kc, const int8_t* vc, const int64_t* tables,
                          const int64_t* ctx_lens, float* out, DECODE_ARGS);
 
-enum { LINEAR_INT8 = 0, LINEAR_INT4 = 1 };
+enum { LINEAR_INT8 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2 };
 
 typedef struct {
     int kind;
-    const void* q;           /* int8 [N, K] | int4: torch's pack, bytes [N / 64, K, 32] */
+    const void* q;           /* int8 [N, K] | int4: torch's pack, bytes [N / 64, K, 32] | bf16 [N, K] */
     const float* scale;      /* int8: [N] */
     const int32_t* qsum;     /* int8: [N], sum_k q[n, k] */
     const uint16_t* sz;      /* int4: bfloat16 [K / group, N, 2] (scale, zero) */
@@ -223,10 +225,65 @@ static void linear_int4(const QLinear* L, const float* x, int M, float* xsum, fl
     }
 }
 
-/* xu / xa: int8 scratch (M x the largest K bytes, M floats); int4 uses xa as M x (K / group) floats */
+/* y [M, N] = x @ W.T (+ bias) for bfloat16 weights [N, K]: each input row is rounded to bfloat16 (as
+ * the torch bf16 path's activations are) and multiplied with the CPU's bf16 dot products (AVX-512
+ * BF16: pairs of bf16 products summed in float32), four weight rows at a time. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+static inline void dot4_bf16(const uint16_t* x, const uint16_t* w, int K, float* d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int k = 0; k < K; k += 32) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        a0 = _mm512_dpbf16_ps(a0, xv, (__m512bh)_mm512_loadu_si512(w + k));
+        a1 = _mm512_dpbf16_ps(a1, xv, (__m512bh)_mm512_loadu_si512(w + K + k));
+        a2 = _mm512_dpbf16_ps(a2, xv, (__m512bh)_mm512_loadu_si512(w + 2 * K + k));
+        a3 = _mm512_dpbf16_ps(a3, xv, (__m512bh)_mm512_loadu_si512(w + 3 * K + k));
+    }
+    d[0] = _mm512_reduce_add_ps(a0); d[1] = _mm512_reduce_add_ps(a1);
+    d[2] = _mm512_reduce_add_ps(a2); d[3] = _mm512_reduce_add_ps(a3);
+}
+#define HAVE_BF16_DOT 1
+#else
+#define HAVE_BF16_DOT 0
+#endif
+
+static inline float dot_bf16(const uint16_t* x, const uint16_t* w, int K) {
+    float part[16] = {0};
+    int k = 0;
+    for (; k + 16 <= K; k += 16)
+        for (int e = 0; e < 16; e++) part[e] += bf16_to_f32(x[k + e]) * bf16_to_f32(w[k + e]);
+    float s = 0.f;
+    for (; k < K; k++) s += bf16_to_f32(x[k]) * bf16_to_f32(w[k]);
+    for (int e = 0; e < 16; e++) s += part[e];
+    return s;
+}
+
+static void linear_bf16(const QLinear* L, const float* x, int M, uint16_t* xb, float* y) {
+    const int N = L->N, K = L->K;
+    const uint16_t* W = (const uint16_t*)L->q;
+    for (int64_t i = 0; i < (int64_t)M * K; i++) xb[i] = f32_to_bf16(x[i]);
+    #pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += 4) {
+        const int rows = N - n0 < 4 ? N - n0 : 4;
+        for (int m = 0; m < M; m++) {
+            const uint16_t* xr = xb + (int64_t)m * K;
+            float d[4];
+#if HAVE_BF16_DOT
+            if (rows == 4 && (K & 31) == 0) dot4_bf16(xr, W + (int64_t)n0 * K, K, d);
+            else
+#endif
+            for (int r = 0; r < rows; r++) d[r] = dot_bf16(xr, W + (int64_t)(n0 + r) * K, K);
+            float* yr = y + (int64_t)m * N + n0;
+            for (int r = 0; r < rows; r++) yr[r] = d[r] + (L->bias ? L->bias[n0 + r] : 0.f);
+        }
+    }
+}
+
+/* xu / xa: scratch for the quantized activations: int8 bytes or bf16 (M x the largest K x 2 bytes) in xu,
+ * per-row scales (int8) or group sums (int4: M x K / group) in xa */
 static void linear(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
     if (L->kind == LINEAR_INT8) linear_int8(L, x, M, xu, xa, y);
-    else linear_int4(L, x, M, xa, y);
+    else if (L->kind == LINEAR_INT4) linear_int4(L, x, M, xa, y);
+    else linear_bf16(L, x, M, (uint16_t*)xu, y);
 }
 
 /* ---------------- KV write ---------------- */
@@ -279,13 +336,13 @@ static int max4(int a, int b, int c, int d) {
 }
 
 /* ---------------- the step ---------------- */
-int quantized_decode_step(const DecodeLayer* layers, const DecodeStep* s) {
+int fused_decode_step(const DecodeLayer* layers, const DecodeStep* s) {
     const int M = s->M, H = s->H, D = s->D, q_size = s->Hq * D;
     const int qkv_n = layers[0].qkv.N, gu_n = layers[0].gate_up.N;
     const int max_k = max4(H, q_size, s->I, 64);
     /* one allocation for the step's scratch: residual, normed, qkv, q, attention out, gate_up, act, quantized x */
     const int64_t floats = (int64_t)M * (2 * H + qkv_n + 2 * q_size + gu_n + s->I + max_k);  /* xa: M x max_k */
-    float* buf = (float*)aligned_alloc(64, ((floats * 4 + (int64_t)M * max_k + 63) / 64) * 64);
+    float* buf = (float*)aligned_alloc(64, ((floats * 4 + (int64_t)M * max_k * 2 + 63) / 64) * 64);
     if (!buf) return -1;
     float* residual = buf;
     float* h = residual + (int64_t)M * H;

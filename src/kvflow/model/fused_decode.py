@@ -1,17 +1,20 @@
-"""Decode steps of a quantized Llama-family model in one C call (layers/csrc/quantized_decode.c).
+"""Decode steps of a quantized or bfloat16 Llama-family model in one C call (layers/csrc/fused_decode.c).
 
 At batch 1 a small model's decode step is mostly per-op overhead: layer by layer through torch,
 SmolLM2-135M's int8 step makes ~600 torch calls. The C step runs every layer's norms, matmuls (int8
-W8A8 with AVX-512 VNNI, or int4 read from torch's pack), rotary, KV write and paged attention
-itself; Python makes one call. The LM head stays in torch (one call).
+W8A8 with AVX-512 VNNI, int4 read from torch's pack, or bfloat16 with AVX-512 BF16), rotary, KV
+write and paged attention itself; Python makes one call. The LM head stays in torch (one call).
 
 It applies to steps whose tokens are all decodes (one query token per request, no draft tree) on a
-model whose every layer's matmuls are int8 (W8A8-able) or int4 and that has no per-head q/k norm,
-with a float32, bfloat16 or int8 KV cache. Whether it runs is measured like the other fused ops (layers/op_select.py): the first
+model whose every layer's matmuls are int8 (W8A8-able), int4 or bfloat16 and that has no per-head
+q/k norm, with a float32, bfloat16 or int8 KV cache. Float32 models keep the layer-by-layer path
+(the one the greedy-equality tests hold exact). Whether it runs is measured like the other fused
+ops (layers/op_select.py): the first
 decode step of each batch-size class times it against the layer-by-layer path on that step's own
 inputs (re-running a decode step rewrites the same KV slots, so timing it twice is harmless), and
-KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8 path's and its int4
-ones the int4 kernels' with float32 activations; the residual stream stays in float32.
+KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8 path's, its int4 ones
+the int4 kernels' with float32 activations, its bf16 ones torch's bf16 matmul's; the residual stream
+stays in float32.
 """
 from __future__ import annotations
 
@@ -21,13 +24,12 @@ import torch
 
 from kvflow.layers import cpu_kernels, op_select
 from kvflow.layers.attention import AttentionMetadata, resolve_backend
+from kvflow.layers.linear import Linear
 from kvflow.layers.quantized_linear import QuantizedLinear
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-
-
-_KINDS = {"int8": 0, "int4": 1}
+_KINDS = {"int8": 0, "int4": 1, "bf16": 2}  # csrc/fused_decode.c's LINEAR_*
 
 
 class _Linear(ctypes.Structure):
@@ -46,13 +48,18 @@ class _Step(ctypes.Structure):
         (n, _P) for n in ("slots", "tables", "ctx_lens", "cos", "sin", "final_norm", "x")]
 
 
-def _runs_in_c(m: torch.nn.Module) -> bool:
-    """int8 (not W8A16-only) or int4 (torch's pack: 64-row blocks) weights on the CPU."""
-    return (isinstance(m, QuantizedLinear) and m.kind in _KINDS and not m.a16
-            and next(m.buffers()).device.type == "cpu")
+def _kind(m: torch.nn.Module) -> str | None:
+    """How the C step multiplies by this layer's weights, or None if it cannot: int8 (not W8A16-only),
+    int4 (torch's pack) or bfloat16, on the CPU."""
+    if isinstance(m, QuantizedLinear):
+        ok = m.kind in ("int8", "int4") and not m.a16 and next(m.buffers()).device.type == "cpu"
+        return m.kind if ok else None
+    w = getattr(m, "weight", None)
+    ok = isinstance(m, Linear) and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
+    return "bf16" if ok else None
 
 
-class QuantizedDecodeStep:
+class FusedDecodeStep:
     """Built once per model by `build`; `maybe_run` runs a step or returns None (not applicable or
     measured slower)."""
 
@@ -75,14 +82,14 @@ class QuantizedDecodeStep:
                           final_norm=self.final_norm)
 
     @classmethod
-    def build(cls, model: torch.nn.Module) -> QuantizedDecodeStep | None:
+    def build(cls, model: torch.nn.Module) -> FusedDecodeStep | None:
         """None unless every layer can run in the C step on this machine."""
         if cpu_kernels.kernels() is None or not hasattr(model, "layers"):
             return None
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if attn.q_norm is not None or not all(_runs_in_c(m) for m in linears):
+            if attn.q_norm is not None or any(_kind(m) is None for m in linears):
                 return None
         return cls(model)
 
@@ -91,13 +98,16 @@ class QuantizedDecodeStep:
         self.keep.append(t)
         return t.data_ptr()
 
-    def _linear(self, m: QuantizedLinear) -> _Linear:
+    def _linear(self, m: QuantizedLinear | Linear) -> _Linear:
+        kind = _kind(m)
         bias = None if m.bias is None else self._keep(m.bias.float())
-        c = _Linear(kind=_KINDS[m.kind], bias=bias, N=m.out_features, K=m.in_features)
-        if m.kind == "int8":
+        c = _Linear(kind=_KINDS[kind], bias=bias, N=m.out_features, K=m.in_features)
+        if kind == "int8":
             c.q, c.scale, c.qsum = m.q.data_ptr(), m.scale.data_ptr(), self._keep(m.q.sum(1, dtype=torch.int32))
-        else:
+        elif kind == "int4":
             c.q, c.sz, c.group = m.packed.data_ptr(), m.scales_zeros.data_ptr(), m.group_size
+        else:
+            c.q = m.weight.data_ptr()
         return c
 
     # ---- per step ----
@@ -116,7 +126,7 @@ class QuantizedDecodeStep:
         if not self.applies(input_ids, kv_caches, meta):
             return None
         M = input_ids.shape[0]
-        key = ("quantized_decode", self.step.H, len(self.layers), kv_caches[0][0].dtype, op_select.rows_class(M))
+        key = ("fused_decode", self.step.H, len(self.layers), kv_caches[0][0].dtype, op_select.rows_class(M))
 
         def candidates():
             return {"c": lambda: self.run(input_ids, positions, kv_caches, meta, num_layers),
@@ -150,6 +160,6 @@ class QuantizedDecodeStep:
         s.cache_kind, s.num_layers = _CACHE_KINDS[k_cache.dtype], min(num_layers or len(self.layers), len(self.layers))
         s.slots, s.tables, s.ctx_lens = slots.data_ptr(), tables.data_ptr(), ctx_lens.data_ptr()
         s.cos, s.sin, s.x = cos.data_ptr(), sin.data_ptr(), x.data_ptr()
-        if cpu_kernels.kernels().quantized_decode_step(ctypes.byref(self.layers), ctypes.byref(s)) != 0:
-            raise MemoryError("quantized_decode_step: out of memory for the step's scratch")
+        if cpu_kernels.kernels().fused_decode_step(ctypes.byref(self.layers), ctypes.byref(s)) != 0:
+            raise MemoryError("fused_decode_step: out of memory for the step's scratch")
         return x.to(model.norm.weight.dtype)
