@@ -47,7 +47,7 @@ TOL = {"int8": 1e-3, "int4": 2e-2, "bf16": 3e-2}
                                            ("llama", "int8", "int8"), ("qwen2", "float32", "int8"),
                                            ("llama", "bfloat16", "int4"), ("qwen2", "float32", "int4"),
                                            ("llama", "auto", "bf16"), ("qwen2", "int8", "bf16")])
-def test_step_equals_layer_by_layer(tiny_dirs, arch, kv, quant):
+def test_step_equals_layer_by_layer(tiny_dirs, monkeypatch, arch, kv, quant):
     llm = _engine(tiny_dirs[arch], quant, kv_cache_dtype=kv)
     runner = llm.engine.runner
     model, caches, bs = runner.model, runner.kv_caches, runner.block_size
@@ -67,26 +67,41 @@ def test_step_equals_layer_by_layer(tiny_dirs, arch, kv, quant):
         for c, g in zip(caches, got_cache):  # the C step wrote what the torch path writes (int8: +-1 step)
             assert torch.allclose(c.data.float(), g.float(), rtol=10 * TOL[quant], atol=1.0 if kv == "int8" else TOL[quant])
         assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
+        # the LM head in C equals torch's (which rounds its input to bfloat16 for int8 and int4 weights)
+        monkeypatch.setenv("KVFLOW_FUSED_OPS", "c")
+        assert model.fused_decode.head is not None
+        logits, ref = model.compute_logits(want), model.lm_head(want).float()
+        assert float((logits - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
         # fewer layers (layer_skip drafts) stop early in both
         short = model.fused_decode.run(dec.input_ids, dec.positions, caches, dec.meta, 1)
         assert torch.allclose(short, model._forward_layers(dec.input_ids, dec.positions, caches, dec.meta, 1),
                               atol=TOL[quant] * float(short.abs().max()))
 
 
-def test_engine_greedy_tokens_same_either_way(tiny_dirs, monkeypatch):
+def test_engine_generation_scored_the_same_by_the_layer_by_layer_path(tiny_dirs, monkeypatch):
+    """Greedy tokens generated through the C step (batched, ragged) get the logprobs the layer-by-layer
+    path gives the same tokens (teacher-forced): the engine feeds the step correctly, step after step.
+    Tokens themselves may part at near-ties: the torch LM head rounds its input to bfloat16."""
     llm = _engine(tiny_dirs["llama"])
     prompts = [[5, 6, 7, 8], list(range(10, 40)), [99] * 17]
-    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     calls = []
-    run = llm.engine.runner.model.fused_decode.run
-    monkeypatch.setattr(llm.engine.runner.model.fused_decode, "run", lambda *a: calls.append(1) or run(*a))
-    outs = {}
-    for mode in ("torch", "c"):  # KVFLOW_FUSED_OPS forces a side of every measured choice
-        monkeypatch.setenv("KVFLOW_FUSED_OPS", mode)
-        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
-        assert_all_blocks_free(llm)
-        assert bool(calls) == (mode == "c")
-    assert outs["c"] == outs["torch"]
+    fused = llm.engine.runner.model.fused_decode
+    run = fused.run
+    monkeypatch.setattr(fused, "run", lambda *a: calls.append(1) or run(*a))
+    monkeypatch.setenv("KVFLOW_FUSED_OPS", "c")  # forces a side of every measured choice
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
+    assert_all_blocks_free(llm)
+    assert len(calls) >= 23 and all(len(o.outputs[0].token_ids) == 24 for o in outs)
+    monkeypatch.setenv("KVFLOW_FUSED_OPS", "torch")
+    calls.clear()
+    seqs = [o.prompt_token_ids + list(o.outputs[0].token_ids) for o in outs]
+    refs = llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0))
+    assert not calls
+    for o, ref in zip(outs, refs):
+        n, comp = len(o.prompt_token_ids), o.outputs[0]
+        got = torch.tensor([comp.logprobs[i][t].logprob for i, t in enumerate(comp.token_ids)])
+        want = torch.tensor([ref.prompt_logprobs[n + i][t].logprob for i, t in enumerate(comp.token_ids)])
+        assert float((got - want).abs().max()) < 0.05, (got, want)
 
 
 def test_not_taken_where_it_cannot_run(tiny_dirs):

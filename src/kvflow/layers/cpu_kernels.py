@@ -62,6 +62,7 @@ def _build() -> ctypes.CDLL | None:
         for name in ("add_rmsnorm", "silu_mul", "rotary"):
             getattr(lib, f"{name}_{t}").restype = None
     lib.fused_decode_step.argtypes, lib.fused_decode_step.restype = [p, p], i  # csrc/fused_decode.c
+    lib.fused_linear.argtypes, lib.fused_linear.restype = [p, p, i, p], i
     return lib
 
 

@@ -29,7 +29,10 @@ from kvflow.layers.quantized_linear import QuantizedLinear
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-_KINDS = {"int8": 0, "int4": 1, "bf16": 2}  # csrc/fused_decode.c's LINEAR_*
+_KINDS = {"int8": 0, "int4": 1, "bf16": 2, "int8_a16": 3}  # csrc/fused_decode.c's LINEAR_*
+# Past this many rows torch's batched kernels (oneDNN, AMX) win: measured on a Xeon with AMX, the C step
+# was 0.6-0.7x torch's time at 16 rows and 1.0-1.3x at 64. Larger batches are not even timed.
+MAX_ROWS = 32
 
 
 class _Linear(ctypes.Structure):
@@ -49,11 +52,11 @@ class _Step(ctypes.Structure):
 
 
 def _kind(m: torch.nn.Module) -> str | None:
-    """How the C step multiplies by this layer's weights, or None if it cannot: int8 (not W8A16-only),
-    int4 (torch's pack) or bfloat16, on the CPU."""
+    """How the C step multiplies by this layer's weights, or None if it cannot: int8 (W8A8, or W8A16
+    for the LM head), int4 (torch's pack) or bfloat16, on the CPU."""
     if isinstance(m, QuantizedLinear):
-        ok = m.kind in ("int8", "int4") and not m.a16 and next(m.buffers()).device.type == "cpu"
-        return m.kind if ok else None
+        ok = m.kind in ("int8", "int4") and next(m.buffers()).device.type == "cpu"
+        return None if not ok else "int8_a16" if m.a16 else m.kind
     w = getattr(m, "weight", None)
     ok = isinstance(m, Linear) and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
     return "bf16" if ok else None
@@ -76,6 +79,7 @@ class FusedDecodeStep:
                                   ("down", mlp.down_proj)):
                 setattr(c_layer, field, self._linear(linear))
         self.final_norm = self._keep(model.norm.weight.float())
+        self.head = self._linear(model.lm_head) if _kind(model.lm_head) is not None else None
         self.cache_key: tuple | None = None
         self.step = _Step(H=cfg.hidden_size, Hq=cfg.num_heads, Hk=cfg.num_kv_heads, D=cfg.head_dim,
                           I=cfg.intermediate_size, eps=cfg.rms_norm_eps, attn_scale=cfg.head_dim ** -0.5,
@@ -102,7 +106,9 @@ class FusedDecodeStep:
         kind = _kind(m)
         bias = None if m.bias is None else self._keep(m.bias.float())
         c = _Linear(kind=_KINDS[kind], bias=bias, N=m.out_features, K=m.in_features)
-        if kind == "int8":
+        if kind == "int8_a16":
+            c.q, c.scale = m.q.data_ptr(), m.scale.data_ptr()
+        elif kind == "int8":
             c.q, c.scale, c.qsum = m.q.data_ptr(), m.scale.data_ptr(), self._keep(m.q.sum(1, dtype=torch.int32))
         elif kind == "int4":
             c.q, c.sz, c.group = m.packed.data_ptr(), m.scales_zeros.data_ptr(), m.group_size
@@ -126,6 +132,8 @@ class FusedDecodeStep:
         if not self.applies(input_ids, kv_caches, meta):
             return None
         M = input_ids.shape[0]
+        if M > MAX_ROWS:
+            return None
         key = ("fused_decode", self.step.H, len(self.layers), kv_caches[0][0].dtype, op_select.rows_class(M))
 
         def candidates():
@@ -135,6 +143,24 @@ class FusedDecodeStep:
         if op_select.choose(key, candidates, reps=3) != "c":
             return None
         return self.run(input_ids, positions, kv_caches, meta, num_layers)
+
+    def maybe_head(self, hidden: torch.Tensor, in_torch) -> torch.Tensor | None:
+        """Float32 logits of the LM head in C for a few rows (after a fused step), or None."""
+        M = hidden.shape[0]
+        if self.head is None or M > MAX_ROWS or hidden.device.type != "cpu":
+            return None
+        x = hidden.float().contiguous()
+
+        def head():
+            logits = torch.empty(M, self.head.N)
+            if cpu_kernels.kernels().fused_linear(ctypes.byref(self.head), x.data_ptr(), M, logits.data_ptr()) != 0:
+                raise MemoryError("fused_linear: out of memory for its scratch")
+            return logits
+
+        key = ("fused_head", self.head.N, self.head.K, self.head.kind, op_select.rows_class(M))
+        if op_select.choose(key, lambda: {"c": head, "torch": in_torch}, reps=3) != "c":
+            return None
+        return head()
 
     def _set_caches(self, kv_caches: list) -> None:
         key = tuple(c[0].data_ptr() for c in kv_caches)

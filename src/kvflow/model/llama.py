@@ -144,7 +144,14 @@ class LlamaForCausalLM(nn.Module):
             rows *= 2
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        def in_torch():
+            return self.lm_head(hidden).float()
+
+        if self.fused_decode is not None:
+            logits = self.fused_decode.maybe_head(hidden, in_torch)
+            if logits is not None:
+                return logits
+        return in_torch()
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Take Hugging Face-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""

@@ -40,12 +40,12 @@ void paged_decode_f32_bf16(const float* q, const uint16_t* kc, const uint16_t* v
 void paged_decode_f32_i8(const float* q, const int8_t* kc, const int8_t* vc, const int64_t* tables,
                          const int64_t* ctx_lens, float* out, DECODE_ARGS);
 
-enum { LINEAR_INT8 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2 };
+enum { LINEAR_INT8 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2, LINEAR_INT8_A16 = 3 };
 
 typedef struct {
     int kind;
     const void* q;           /* int8 [N, K] | int4: torch's pack, bytes [N / 64, K, 32] | bf16 [N, K] */
-    const float* scale;      /* int8: [N] */
+    const float* scale;      /* int8, int8_a16: [N] */
     const int32_t* qsum;     /* int8: [N], sum_k q[n, k] */
     const uint16_t* sz;      /* int4: bfloat16 [K / group, N, 2] (scale, zero) */
     const float* bias;       /* [N] or NULL */
@@ -278,12 +278,72 @@ static void linear_bf16(const QLinear* L, const float* x, int M, uint16_t* xb, f
     }
 }
 
+/* y [M, N] = x @ (q * scale).T for int8 weights with float32 activations (W8A16: the LM head, whose
+ * activations are not rounded to int8, see layers/quantized_linear.py): weights widened to float32 in
+ * registers, four rows at a time. */
+#ifdef __AVX512F__
+static inline void dot4_i8_f32(const float* x, const int8_t* w, int K, float* d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int k = 0; k < K; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+#define WIDEN(R) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + (R) * K + k))))
+        a0 = _mm512_fmadd_ps(WIDEN(0), xv, a0);
+        a1 = _mm512_fmadd_ps(WIDEN(1), xv, a1);
+        a2 = _mm512_fmadd_ps(WIDEN(2), xv, a2);
+        a3 = _mm512_fmadd_ps(WIDEN(3), xv, a3);
+#undef WIDEN
+    }
+    d[0] = _mm512_reduce_add_ps(a0); d[1] = _mm512_reduce_add_ps(a1);
+    d[2] = _mm512_reduce_add_ps(a2); d[3] = _mm512_reduce_add_ps(a3);
+}
+#define HAVE_I8_F32_DOT 1
+#else
+#define HAVE_I8_F32_DOT 0
+#endif
+
+static void linear_int8_a16(const QLinear* L, const float* x, int M, float* y) {
+    const int N = L->N, K = L->K;
+    const int8_t* W = (const int8_t*)L->q;
+    #pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += 4) {
+        const int rows = N - n0 < 4 ? N - n0 : 4;
+        for (int m = 0; m < M; m++) {
+            const float* xr = x + (int64_t)m * K;
+            float d[4];
+#if HAVE_I8_F32_DOT
+            if (rows == 4 && (K & 15) == 0) dot4_i8_f32(xr, W + (int64_t)n0 * K, K, d);
+            else
+#endif
+            for (int r = 0; r < rows; r++) {
+                const int8_t* wr = W + (int64_t)(n0 + r) * K;
+                float sum = 0.f;
+                for (int k = 0; k < K; k++) sum += (float)wr[k] * xr[k];
+                d[r] = sum;
+            }
+            float* yr = y + (int64_t)m * N + n0;
+            for (int r = 0; r < rows; r++) yr[r] = d[r] * L->scale[n0 + r] + (L->bias ? L->bias[n0 + r] : 0.f);
+        }
+    }
+}
+
 /* xu / xa: scratch for the quantized activations: int8 bytes or bf16 (M x the largest K x 2 bytes) in xu,
  * per-row scales (int8) or group sums (int4: M x K / group) in xa */
 static void linear(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
     if (L->kind == LINEAR_INT8) linear_int8(L, x, M, xu, xa, y);
     else if (L->kind == LINEAR_INT4) linear_int4(L, x, M, xa, y);
-    else linear_bf16(L, x, M, (uint16_t*)xu, y);
+    else if (L->kind == LINEAR_BF16) linear_bf16(L, x, M, (uint16_t*)xu, y);
+    else linear_int8_a16(L, x, M, y);
+}
+
+/* One matmul of M rows on its own (the LM head after a fused step). */
+int fused_linear(const QLinear* L, const float* x, int M, float* y) {
+    const int k = L->K > 64 ? L->K : 64;
+    uint8_t* xu = (uint8_t*)aligned_alloc(64, (((int64_t)M * k * 2 + 63) / 64) * 64);
+    float* xa = (float*)aligned_alloc(64, (((int64_t)M * k * 4 + 63) / 64) * 64);
+    if (!xu || !xa) { free(xu); free(xa); return -1; }
+    linear(L, x, M, xu, xa, y);
+    free(xu); free(xa);
+    return 0;
 }
 
 /* ---------------- KV write ---------------- */
