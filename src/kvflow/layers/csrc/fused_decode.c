@@ -76,6 +76,14 @@ typedef struct {
     float* x;                 /* in: embeddings [M, H]; out: the final normed hidden states */
 } DecodeStep;
 
+/* The matmuls below walk output rows four at a time (more loads in flight, and each activation vector
+ * is used four times), quads split across the OpenMP threads, every input row m of x while the quad's
+ * weights are in L1. The body sees n0, rows (4, or fewer at the end) and m. */
+#define FOR_ROW_QUADS(N, M)                                              \
+    _Pragma("omp parallel for schedule(static)")                         \
+    for (int n0 = 0; n0 < (N); n0 += 4)                                  \
+        for (int m = 0, rows = (N) - n0 < 4 ? (N) - n0 : 4; m < (M); m++)
+
 /* ---------------- W8A8 matmul ---------------- */
 static void quantize_rows(const float* x, int M, int K, uint8_t* xu, float* xa) {
     for (int m = 0; m < M; m++) {
@@ -102,8 +110,7 @@ static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
     return _mm512_reduce_add_epi32(acc);
 }
 
-/* d[r] = x . w[r] for four consecutive weight rows, K a multiple of 64: more loads in flight, and
- * each x vector is used four times. */
+/* d[r] = x . w[r] for four consecutive weight rows, K a multiple of 64. */
 static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* d) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     for (int k = 0; k < K; k += 64) {
@@ -130,28 +137,21 @@ static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* 
 #define HAVE_VNNI 0
 #endif
 
-/* y [M, N] = dequant(quant(x) @ q.T) (+ bias). Output rows are split across the OpenMP threads, four
- * at a time; every row of x is used while those weight rows are in L1. */
+/* y [M, N] = dequant(quant(x) @ q.T) (+ bias). */
 static void linear_int8(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
     const int N = L->N, K = L->K;
+    const int8_t* W = (const int8_t*)L->q;
     quantize_rows(x, M, K, xu, xa);
-    #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < N; n0 += 4) {
-        const int rows = N - n0 < 4 ? N - n0 : 4;
-        for (int m = 0; m < M; m++) {
-            const uint8_t* xr = xu + (int64_t)m * K;
-            int32_t d[4];
-            if (rows == 4 && (K & 63) == 0) dot4_u8s8(xr, (const int8_t*)L->q + (int64_t)n0 * K, K, d);
-            else for (int r = 0; r < rows; r++) d[r] = dot_u8s8(xr, (const int8_t*)L->q + (int64_t)(n0 + r) * K, K);
-            float* yr = y + (int64_t)m * N + n0;
-            for (int r = 0; r < rows; r++) {
-                const int n = n0 + r;
-                yr[r] = (float)(d[r] - 128 * L->qsum[n]) * xa[m] * L->scale[n] + (L->bias ? L->bias[n] : 0.f);
-            }
-        }
+    FOR_ROW_QUADS(N, M) {
+        const uint8_t* xr = xu + (int64_t)m * K;
+        int32_t d[4];
+        if (rows == 4 && (K & 63) == 0) dot4_u8s8(xr, W + (int64_t)n0 * K, K, d);
+        else for (int r = 0; r < rows; r++) d[r] = dot_u8s8(xr, W + (int64_t)(n0 + r) * K, K);
+        float* yr = y + (int64_t)m * N + n0;
+        for (int r = 0, n = n0; r < rows; r++, n++)
+            yr[r] = (float)(d[r] - 128 * L->qsum[n]) * xa[m] * L->scale[n] + (L->bias ? L->bias[n] : 0.f);
     }
 }
-
 
 /* y [M, N] = x @ dequant(W).T (+ bias) for torch's int4 pack: byte (b, k, j) of [N / 64, K, 32] holds
  * q[64b + j, k] in its low nibble and q[64b + 32 + j, k] in its high one. So a k's 32 bytes give one
@@ -227,7 +227,7 @@ static void linear_int4(const QLinear* L, const float* x, int M, float* xsum, fl
 
 /* y [M, N] = x @ W.T (+ bias) for bfloat16 weights [N, K]: each input row is rounded to bfloat16 (as
  * the torch bf16 path's activations are) and multiplied with the CPU's bf16 dot products (AVX-512
- * BF16: pairs of bf16 products summed in float32), four weight rows at a time. */
+ * BF16: pairs of bf16 products summed in float32). */
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 static inline void dot4_bf16(const uint16_t* x, const uint16_t* w, int K, float* d) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -261,26 +261,22 @@ static void linear_bf16(const QLinear* L, const float* x, int M, uint16_t* xb, f
     const int N = L->N, K = L->K;
     const uint16_t* W = (const uint16_t*)L->q;
     for (int64_t i = 0; i < (int64_t)M * K; i++) xb[i] = f32_to_bf16(x[i]);
-    #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < N; n0 += 4) {
-        const int rows = N - n0 < 4 ? N - n0 : 4;
-        for (int m = 0; m < M; m++) {
-            const uint16_t* xr = xb + (int64_t)m * K;
-            float d[4];
+    FOR_ROW_QUADS(N, M) {
+        const uint16_t* xr = xb + (int64_t)m * K;
+        float d[4];
 #if HAVE_BF16_DOT
-            if (rows == 4 && (K & 31) == 0) dot4_bf16(xr, W + (int64_t)n0 * K, K, d);
-            else
+        if (rows == 4 && (K & 31) == 0) dot4_bf16(xr, W + (int64_t)n0 * K, K, d);
+        else
 #endif
-            for (int r = 0; r < rows; r++) d[r] = dot_bf16(xr, W + (int64_t)(n0 + r) * K, K);
-            float* yr = y + (int64_t)m * N + n0;
-            for (int r = 0; r < rows; r++) yr[r] = d[r] + (L->bias ? L->bias[n0 + r] : 0.f);
-        }
+        for (int r = 0; r < rows; r++) d[r] = dot_bf16(xr, W + (int64_t)(n0 + r) * K, K);
+        float* yr = y + (int64_t)m * N + n0;
+        for (int r = 0, n = n0; r < rows; r++, n++) yr[r] = d[r] + (L->bias ? L->bias[n] : 0.f);
     }
 }
 
 /* y [M, N] = x @ (q * scale).T for int8 weights with float32 activations (W8A16: the LM head, whose
  * activations are not rounded to int8, see layers/quantized_linear.py): weights widened to float32 in
- * registers, four rows at a time. */
+ * registers. */
 #ifdef __AVX512F__
 static inline void dot4_i8_f32(const float* x, const int8_t* w, int K, float* d) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -304,25 +300,20 @@ static inline void dot4_i8_f32(const float* x, const int8_t* w, int K, float* d)
 static void linear_int8_a16(const QLinear* L, const float* x, int M, float* y) {
     const int N = L->N, K = L->K;
     const int8_t* W = (const int8_t*)L->q;
-    #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < N; n0 += 4) {
-        const int rows = N - n0 < 4 ? N - n0 : 4;
-        for (int m = 0; m < M; m++) {
-            const float* xr = x + (int64_t)m * K;
-            float d[4];
+    FOR_ROW_QUADS(N, M) {
+        const float* xr = x + (int64_t)m * K;
+        float d[4];
 #if HAVE_I8_F32_DOT
-            if (rows == 4 && (K & 15) == 0) dot4_i8_f32(xr, W + (int64_t)n0 * K, K, d);
-            else
+        if (rows == 4 && (K & 15) == 0) dot4_i8_f32(xr, W + (int64_t)n0 * K, K, d);
+        else
 #endif
-            for (int r = 0; r < rows; r++) {
-                const int8_t* wr = W + (int64_t)(n0 + r) * K;
-                float sum = 0.f;
-                for (int k = 0; k < K; k++) sum += (float)wr[k] * xr[k];
-                d[r] = sum;
-            }
-            float* yr = y + (int64_t)m * N + n0;
-            for (int r = 0; r < rows; r++) yr[r] = d[r] * L->scale[n0 + r] + (L->bias ? L->bias[n0 + r] : 0.f);
+        for (int r = 0; r < rows; r++) {
+            const int8_t* wr = W + (int64_t)(n0 + r) * K;
+            d[r] = 0.f;
+            for (int k = 0; k < K; k++) d[r] += (float)wr[k] * xr[k];
         }
+        float* yr = y + (int64_t)m * N + n0;
+        for (int r = 0, n = n0; r < rows; r++, n++) yr[r] = d[r] * L->scale[n] + (L->bias ? L->bias[n] : 0.f);
     }
 }
 
