@@ -38,9 +38,9 @@ def _engine(path: str, quantization: str = "int8", **options) -> LLM:
     return LLM(model=path, quantization=quantization, dtype="float32", num_gpu_blocks=32, **options)
 
 
-# int4: torch's int4 kernel rounds the activations to bfloat16, the C step keeps them in float32;
+# int4: torch's int4 kernel rounds the activations to bfloat16, the C step to int8 per group of 32;
 # bf16: torch rounds the residual stream and every matmul output to bfloat16, the C step does not
-TOL = {"int8": 1e-3, "int4": 2e-2, "bf16": 3e-2}
+TOL = {"int8": 1e-3, "int4": 5e-2, "bf16": 3e-2}
 
 
 @pytest.mark.parametrize("arch,kv,quant", [("llama", "float32", "int8"), ("llama", "bfloat16", "int8"),
@@ -64,8 +64,9 @@ def test_step_equals_layer_by_layer(tiny_dirs, monkeypatch, arch, kv, quant):
         got = model.fused_decode.run(dec.input_ids, dec.positions, caches, dec.meta, None)
         got_cache = [c.data.clone() for c in caches]
         want = model._forward_layers(dec.input_ids, dec.positions, caches, dec.meta, None)
-        for c, g in zip(caches, got_cache):  # the C step wrote what the torch path writes (int8: +-1 step)
-            assert torch.allclose(c.data.float(), g.float(), rtol=10 * TOL[quant], atol=1.0 if kv == "int8" else TOL[quant])
+        for c, g in zip(caches, got_cache):  # the C step wrote what the torch path writes
+            diff, top = float((c.data.float() - g.float()).abs().max()), float(c.data.float().abs().max())
+            assert diff <= (max(1.0, TOL[quant] * 127) if kv == "int8" else TOL[quant] * top), diff  # int8: steps
         assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
         # the LM head in C equals torch's (which rounds its input to bfloat16 for int8 and int4 weights)
         monkeypatch.setenv("KVFLOW_FUSED_OPS", "c")

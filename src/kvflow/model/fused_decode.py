@@ -2,7 +2,8 @@
 
 At batch 1 a small model's decode step is mostly per-op overhead: layer by layer through torch,
 SmolLM2-135M's int8 step makes ~600 torch calls. The C step runs every layer's norms, matmuls (int8
-W8A8 with AVX-512 VNNI, int4 read from torch's pack, or bfloat16 with AVX-512 BF16), rotary, KV
+W8A8 with AVX-512 VNNI, int4 read from torch's pack with int8 activations, or bfloat16 with AVX-512
+BF16), rotary, KV
 write and paged attention itself; Python makes one call. The LM head stays in torch (one call).
 
 It applies to steps whose tokens are all decodes (one query token per request, no draft tree) on a
@@ -12,9 +13,9 @@ q/k norm, with a float32, bfloat16 or int8 KV cache. Float32 models keep the lay
 ops (layers/op_select.py): the first
 decode step of each batch-size class times it against the layer-by-layer path on that step's own
 inputs (re-running a decode step rewrites the same KV slots, so timing it twice is harmless), and
-KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8 path's, its int4 ones
-the int4 kernels' with float32 activations, its bf16 ones torch's bf16 matmul's; the residual stream
-stays in float32.
+KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8 path's; int4 layers
+quantize their activations to int8 per group of 32 (as llama.cpp's Q4_1 x Q8_1 does); bf16 ones are
+torch's bf16 matmul's; the residual stream stays in float32.
 """
 from __future__ import annotations
 
@@ -53,9 +54,10 @@ class _Step(ctypes.Structure):
 
 def _kind(m: torch.nn.Module) -> str | None:
     """How the C step multiplies by this layer's weights, or None if it cannot: int8 (W8A8, or W8A16
-    for the LM head), int4 (torch's pack) or bfloat16, on the CPU."""
+    for the LM head), int4 (torch's pack, groups of 32) or bfloat16, on the CPU."""
     if isinstance(m, QuantizedLinear):
-        ok = m.kind in ("int8", "int4") and next(m.buffers()).device.type == "cpu"
+        ok = ((m.kind == "int8" or (m.kind == "int4" and m.group_size == 32))
+              and next(m.buffers()).device.type == "cpu")
         return None if not ok else "int8_a16" if m.a16 else m.kind
     w = getattr(m, "weight", None)
     ok = isinstance(m, Linear) and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()

@@ -10,9 +10,8 @@
  *     with the CPU's int8 dot products (AVX-512 VNNI), then scaled by a and the weight's per-output-
  *     channel scale. VNNI multiplies unsigned by signed bytes, so activations are stored as x + 128
  *     and the weight row sums correct the product: sum (x + 128) w - 128 sum w = sum x w.
- *   int4 (torch's CPU int4 pack, group-wise scale and zero in bfloat16): weights are unpacked to
- *     float32 in registers and multiplied by the float32 activations, one group at a time:
- *     sum_k ((q - 8) s + z) x = s (sum_k q x - 8 sum_k x) + z sum_k x.
+ *   int4 (torch's CPU int4 pack, groups of 32 with scale and zero in bfloat16): activations are
+ *     quantized to int8 per group of 32 and multiplied by the 4-bit weights in integers (below).
  *   bf16 (a bfloat16 model): activations rounded to bfloat16 and multiplied with the CPU's bf16 dot
  *     products (AVX-512 BF16).
  * The residual stream and every intermediate stay in float32 (the torch path rounds them to the
@@ -26,6 +25,16 @@
 #include <string.h>
 
 #include "bf16.h"
+
+#ifdef __AVX512F__
+/* Touch `bytes` bytes at p, one cache line per 64: the dot loops below fetch the next quad of weight
+ * rows (the memory right after the current one) this way while they work on the current one. Two
+ * streams per thread otherwise leave the memory idle: this made the int8 matmuls ~20% faster and the
+ * int4 ones 2x on a Xeon (Sapphire Rapids). */
+static inline void prefetch_lines(const void* p, int bytes) {
+    for (int b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
+}
+#endif
 
 /* from fused_ops.c and paged_decode.c */
 void add_rmsnorm_f32(const float* x, float* residual, const float* w, float* out, int rows, int H, float eps);
@@ -114,6 +123,7 @@ static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
 static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* d) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     for (int k = 0; k < K; k += 64) {
+        prefetch_lines(w + 4 * K + 4 * k, 256);
         const __m512i xv = _mm512_loadu_si512(x + k);
         a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512(w + k));
         a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512(w + K + k));
@@ -153,72 +163,103 @@ static void linear_int8(const QLinear* L, const float* x, int M, uint8_t* xu, fl
     }
 }
 
-/* y [M, N] = x @ dequant(W).T (+ bias) for torch's int4 pack: byte (b, k, j) of [N / 64, K, 32] holds
- * q[64b + j, k] in its low nibble and q[64b + 32 + j, k] in its high one. So a k's 32 bytes give one
- * column of 64 output rows: the kernel walks blocks of 64 rows (one block per OpenMP task), adding
- * x[k] times that column into 64 float accumulators, and applies the group's scales and zeros at the
- * end of each group. */
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-static void int4_block(const uint8_t* p, const uint16_t* sz, const float* x, const float* xsum, int K, int N,
-                       int group, float* y) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+/* y [M, N] = x @ dequant(W).T (+ bias) for torch's int4 pack with groups of 32: byte (b, k, j) of
+ * [N / 64, K, 32] holds q[64b + j, k] in its low nibble and q[64b + 32 + j, k] in its high one, so
+ * the 64 bytes of k and k + 1 hold one column pair of 64 output rows. Activations are quantized to
+ * int8 per group of 32 (scale d = max|x| / 127, as llama.cpp's Q8_1), so that
+ *   sum_k ((q - 8) s + z) x = d (s (sum_k q xq - 8 sum_k xq) + z sum_k xq)
+ * is integer arithmetic up to the group's end: one byte permutation puts q[j, k], q[j, k + 1] side by
+ * side, and a multiply-add of unsigned by signed bytes (maddubs) gives q[j,k] xq[k] + q[j,k+1] xq[k+1]
+ * for 32 rows at once (16-bit sums, widened to 32 bits every 16 k, before they could overflow).
+ * Blocks of 64 rows go to the OpenMP threads. */
+#define INT4_GROUP 32
+
+static void quantize_groups(const float* x, int K, int8_t* xq, float* xd, float* xs) {
+    for (int g = 0; g < K / INT4_GROUP; g++) {
+        const float* r = x + g * INT4_GROUP;
+        float mx = 0.f;
+        for (int k = 0; k < INT4_GROUP; k++) mx = fmaxf(mx, fabsf(r[k]));
+        const float d = fmaxf(mx, 1e-12f) / 127.f;
+        int sum = 0;
+        for (int k = 0; k < INT4_GROUP; k++) {
+            const int q = (int)nearbyintf(r[k] / d);
+            xq[g * INT4_GROUP + k] = (int8_t)q;
+            sum += q;
+        }
+        xd[g] = d;
+        xs[g] = (float)sum;
+    }
+}
+
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+static void int4_block(const uint8_t* p, const uint16_t* sz, const int8_t* xq, const float* xd, const float* xs,
+                       int K, int N, float* y) {
+    static const int8_t pair_index[64] = {  /* byte 2j <- byte j (k), byte 2j + 1 <- byte 32 + j (k + 1) */
+        0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45,
+        14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+        27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    const __m512i index = _mm512_loadu_si512(pair_index), low4 = _mm512_set1_epi8(0x0F);
     const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000u);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int g = 0; g < K / group; g++) {
-        __m512 ga[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int k = g * group; k < (g + 1) * group; k++) {
-            const __m256i bytes = _mm256_loadu_si256((const __m256i*)(p + (int64_t)k * 32));
-            const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-            const __m512 xk = _mm512_set1_ps(x[k]);
-            ga[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))), xk, ga[0]);
-            ga[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))), xk, ga[1]);
-            ga[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), xk, ga[2]);
-            ga[3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), xk, ga[3]);
+    for (int g = 0; g < K / INT4_GROUP; g++) {
+        __m512i dot[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int k0 = g * INT4_GROUP; k0 < (g + 1) * INT4_GROUP; k0 += 16) {
+            __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();  /* rows 0-31, 32-63: int16 */
+            for (int k = k0; k < k0 + 16; k += 2) {
+                prefetch_lines(p + (int64_t)(k + 64) * 32, 64);
+                const __m512i pairs = _mm512_permutexvar_epi8(index, _mm512_loadu_si512(p + (int64_t)k * 32));
+                const __m512i xk = _mm512_set1_epi16(*(const int16_t*)(xq + k));
+                lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(_mm512_and_si512(pairs, low4), xk));
+                hi = _mm512_add_epi16(hi, _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(pairs, 4), low4), xk));
+            }
+            dot[0] = _mm512_add_epi32(dot[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(lo)));
+            dot[1] = _mm512_add_epi32(dot[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+            dot[2] = _mm512_add_epi32(dot[2], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(hi)));
+            dot[3] = _mm512_add_epi32(dot[3], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
         }
-        const __m512 sx = _mm512_set1_ps(xsum[g]), sx8 = _mm512_set1_ps(8.f * xsum[g]);
+        const __m512 d = _mm512_set1_ps(xd[g]), ds = _mm512_set1_ps(xd[g] * xs[g]);
+        const __m512 ds8 = _mm512_set1_ps(8.f * xd[g] * xs[g]);
         for (int i = 0; i < 4; i++) {  /* (scale, zero) bf16 pairs of 16 rows: one 32-bit word per row */
-            const __m512i pairs = _mm512_loadu_si512(sz + ((int64_t)g * N + 16 * i) * 2);
-            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-            const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high16));
-            acc[i] = _mm512_fmadd_ps(scale, _mm512_sub_ps(ga[i], sx8), _mm512_fmadd_ps(zero, sx, acc[i]));
+            const __m512i sz16 = _mm512_loadu_si512(sz + ((int64_t)g * N + 16 * i) * 2);
+            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz16, 16));
+            const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(sz16, high16));
+            const __m512 qx = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dot[i]), d, ds8);  /* d (sum q xq - 8 sum xq) */
+            acc[i] = _mm512_fmadd_ps(scale, qx, _mm512_fmadd_ps(zero, ds, acc[i]));
         }
     }
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + 16 * i, acc[i]);
 }
 #else
-static void int4_block(const uint8_t* p, const uint16_t* sz, const float* x, const float* xsum, int K, int N,
-                       int group, float* y) {
+static void int4_block(const uint8_t* p, const uint16_t* sz, const int8_t* xq, const float* xd, const float* xs,
+                       int K, int N, float* y) {
     for (int j = 0; j < 64; j++) y[j] = 0.f;
-    for (int g = 0; g < K / group; g++) {
-        float ga[64] = {0};
-        for (int k = g * group; k < (g + 1) * group; k++)
+    for (int g = 0; g < K / INT4_GROUP; g++) {
+        int32_t dot[64] = {0};
+        for (int k = g * INT4_GROUP; k < (g + 1) * INT4_GROUP; k++)
             for (int j = 0; j < 32; j++) {
                 const uint8_t byte = p[(int64_t)k * 32 + j];
-                ga[j] += (float)(byte & 15) * x[k];
-                ga[j + 32] += (float)(byte >> 4) * x[k];
+                dot[j] += (byte & 15) * xq[k];
+                dot[j + 32] += (byte >> 4) * xq[k];
             }
         for (int j = 0; j < 64; j++) {
             const uint16_t* pair = sz + ((int64_t)g * N + j) * 2;
-            y[j] += bf16_to_f32(pair[0]) * (ga[j] - 8.f * xsum[g]) + bf16_to_f32(pair[1]) * xsum[g];
+            const float qx = xd[g] * ((float)dot[j] - 8.f * xs[g]);
+            y[j] += bf16_to_f32(pair[0]) * qx + bf16_to_f32(pair[1]) * xd[g] * xs[g];
         }
     }
 }
 #endif
 
-static void linear_int4(const QLinear* L, const float* x, int M, float* xsum, float* y) {
-    const int N = L->N, K = L->K, G = L->group, ng = K / G;
-    for (int m = 0; m < M; m++)
-        for (int g = 0; g < ng; g++) {
-            float sum = 0.f;
-            for (int k = g * G; k < (g + 1) * G; k++) sum += x[(int64_t)m * K + k];
-            xsum[m * ng + g] = sum;
-        }
+static void linear_int4(const QLinear* L, const float* x, int M, int8_t* xq, float* xa, float* y) {
+    const int N = L->N, K = L->K, ng = K / INT4_GROUP;
+    float *xd = xa, *xs = xa + (int64_t)M * ng;
+    for (int m = 0; m < M; m++) quantize_groups(x + (int64_t)m * K, K, xq + (int64_t)m * K, xd + m * ng, xs + m * ng);
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < N / 64; b++) {
         const uint8_t* p = (const uint8_t*)L->q + (int64_t)b * K * 32;
         for (int m = 0; m < M; m++) {
             float* yr = y + (int64_t)m * N + 64 * b;
-            int4_block(p, L->sz + (int64_t)64 * b * 2, x + (int64_t)m * K, xsum + m * ng, K, N, G, yr);
+            int4_block(p, L->sz + (int64_t)64 * b * 2, xq + (int64_t)m * K, xd + m * ng, xs + m * ng, K, N, yr);
             if (L->bias)
                 for (int j = 0; j < 64; j++) yr[j] += L->bias[64 * b + j];
         }
@@ -232,6 +273,7 @@ static void linear_int4(const QLinear* L, const float* x, int M, float* xsum, fl
 static inline void dot4_bf16(const uint16_t* x, const uint16_t* w, int K, float* d) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int k = 0; k < K; k += 32) {
+        prefetch_lines(w + 4 * K + 4 * k, 256);
         const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
         a0 = _mm512_dpbf16_ps(a0, xv, (__m512bh)_mm512_loadu_si512(w + k));
         a1 = _mm512_dpbf16_ps(a1, xv, (__m512bh)_mm512_loadu_si512(w + K + k));
@@ -281,6 +323,7 @@ static void linear_bf16(const QLinear* L, const float* x, int M, uint16_t* xb, f
 static inline void dot4_i8_f32(const float* x, const int8_t* w, int K, float* d) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int k = 0; k < K; k += 16) {
+        prefetch_lines(w + 4 * K + 4 * k, 64);
         const __m512 xv = _mm512_loadu_ps(x + k);
 #define WIDEN(R) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + (R) * K + k))))
         a0 = _mm512_fmadd_ps(WIDEN(0), xv, a0);
@@ -318,10 +361,10 @@ static void linear_int8_a16(const QLinear* L, const float* x, int M, float* y) {
 }
 
 /* xu / xa: scratch for the quantized activations: int8 bytes or bf16 (M x the largest K x 2 bytes) in xu,
- * per-row scales (int8) or group sums (int4: M x K / group) in xa */
+ * per-row scales (int8) or per-group scales and sums (int4: 2 x M x K / 32) in xa */
 static void linear(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
     if (L->kind == LINEAR_INT8) linear_int8(L, x, M, xu, xa, y);
-    else if (L->kind == LINEAR_INT4) linear_int4(L, x, M, xa, y);
+    else if (L->kind == LINEAR_INT4) linear_int4(L, x, M, (int8_t*)xu, xa, y);
     else if (L->kind == LINEAR_BF16) linear_bf16(L, x, M, (uint16_t*)xu, y);
     else linear_int8_a16(L, x, M, y);
 }
