@@ -76,8 +76,9 @@ run_serve() {
     $LOCK $KV bench serve --base-url http://127.0.0.1:8091 "${sweep[@]}" --json "$OUT/serve-llama-$ty.json" > "$OUT/serve-llama-$ty.txt" 2>&1
     kill $pid; wait $pid || true
   done
-  for q in "--quantization int8" "--quantization auto" "--dtype bfloat16"; do
-    tag=$(echo "$q" | tr -d ' -' | sed 's/quantization/q-/; s/dtype/d-/')
+  # --max-num-seqs 16: at most 16 requests decode at once, as llama-server's -np 16 slots
+  for q in "--quantization int8" "--quantization int8 --max-num-seqs 16" "--quantization auto" "--dtype bfloat16"; do
+    tag=$(echo "$q" | tr -d ' -' | sed 's/quantization/q-/; s/dtype/d-/; s/maxnumseqs/-seqs/')
     say "kvflow serve $q, bench serve"
     $KV serve --model smollm2-135m $q --port 8092 > "$OUT/kvflow-serve-$tag.log" 2>&1 &
     pid=$!
