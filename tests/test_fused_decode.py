@@ -79,6 +79,29 @@ def test_step_equals_layer_by_layer(tiny_dirs, monkeypatch, arch, kv, quant):
                               atol=TOL[quant] * float(short.abs().max()))
 
 
+@pytest.mark.parametrize("quant", ["int8", "bf16"])
+def test_mixed_step_equals_layer_by_layer(tiny_dirs, quant):
+    """Decodes, a chunk after a cached prefix (a prompt's second chunk, or draft tokens to verify) and a
+    fresh prompt chunk in one step of 14 tokens: each token attends as its own row, causally."""
+    llm = _engine(tiny_dirs["llama"], quant)
+    runner = llm.engine.runner
+    model, caches, bs = runner.model, runner.kv_caches, runner.block_size
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (6, 20, 28, 7)]
+    blocks = [[3], [5, 11], [8, 2], [14]]
+    with torch.inference_mode():
+        for seq, b, cached in zip(seqs[:3], blocks, (5, 19, 23)):  # prefixes already in the cache
+            pre = build_batch([(seq[:cached], 0, b)], bs, torch.device("cpu"))
+            model._forward_layers(pre.input_ids, pre.positions, caches, pre.meta, None)
+        items = [(seqs[0][5:], 5, blocks[0]), (seqs[1][19:], 19, blocks[1]),  # two decodes
+                 (seqs[2][23:], 23, blocks[2]), (seqs[3], 0, blocks[3])]  # 5 after a prefix, 7 fresh
+        batch = build_batch(items, bs, torch.device("cpu"))
+        assert batch.input_ids.shape[0] == 14 and len(batch.meta.groups) >= 2
+        got = model.fused_decode.run(batch.input_ids, batch.positions, caches, batch.meta, None)
+        want = model._forward_layers(batch.input_ids, batch.positions, caches, batch.meta, None)
+        assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
+
+
 def test_engine_generation_scored_the_same_by_the_layer_by_layer_path(tiny_dirs, monkeypatch):
     """Greedy tokens generated through the C step (batched, ragged) get the logprobs the layer-by-layer
     path gives the same tokens (teacher-forced): the engine feeds the step correctly, step after step.

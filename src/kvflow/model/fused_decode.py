@@ -6,7 +6,8 @@ W8A8 with AVX-512 VNNI, int4 read from torch's pack with int8 activations, or bf
 BF16), rotary, KV
 write and paged attention itself; Python makes one call. The LM head stays in torch (one call).
 
-It applies to steps whose tokens are all decodes (one query token per request, no draft tree) on a
+It applies to steps of up to MAX_ROWS tokens without draft trees: decodes, and also short prompt
+chunks and linear speculative drafts (each token attends as its own row: `_attention_rows`), on a
 model whose every layer's matmuls are int8 (W8A8-able), int4 or bfloat16 and that has no per-head
 q/k norm, with a float32, bfloat16 or int8 KV cache. Float32 models keep the layer-by-layer path
 (the one the greedy-equality tests hold exact). Whether it runs is measured like the other fused
@@ -120,12 +121,8 @@ class FusedDecodeStep:
 
     # ---- per step ----
     def applies(self, input_ids: torch.Tensor, kv_caches: list, meta: AttentionMetadata) -> bool:
-        groups = meta.groups
-        if len(groups) != 1 or groups[0].ctx_lens is None or groups[0].tree:
-            return False
-        g = groups[0]
         k_cache = kv_caches[0][0]
-        return (g.ctx_lens.shape[0] == input_ids.shape[0] and input_ids.device.type == "cpu"
+        return (input_ids.shape[0] <= MAX_ROWS and input_ids.device.type == "cpu" and not any(g.tree for g in meta.groups)
                 and k_cache.dtype in _CACHE_KINDS and resolve_backend(meta.backend, input_ids.device) == "cpu"
                 and cpu_kernels.can_run_decode(torch.empty(1, self.step.Hq, self.step.D), k_cache))
 
@@ -133,10 +130,8 @@ class FusedDecodeStep:
                   meta: AttentionMetadata, num_layers: int | None, layer_by_layer) -> torch.Tensor | None:
         if not self.applies(input_ids, kv_caches, meta):
             return None
-        M = input_ids.shape[0]
-        if M > MAX_ROWS:
-            return None
-        key = ("fused_decode", self.step.H, len(self.layers), kv_caches[0][0].dtype, op_select.rows_class(M))
+        key = ("fused_decode", self.step.H, len(self.layers), kv_caches[0][0].dtype,
+               op_select.rows_class(input_ids.shape[0]))
 
         def candidates():
             return {"c": lambda: self.run(input_ids, positions, kv_caches, meta, num_layers),
@@ -177,11 +172,12 @@ class FusedDecodeStep:
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata,
             num_layers: int | None) -> torch.Tensor:
-        model, g = self.model, meta.groups[0]
+        model = self.model
         self._set_caches(kv_caches)
         x = model.embed_tokens(input_ids).float().contiguous()
         cos, sin = model.rotary.cos[positions].contiguous(), model.rotary.sin[positions].contiguous()
-        slots, tables, ctx_lens = (t.contiguous() for t in (meta.slot_mapping, g.block_tables, g.ctx_lens))
+        tables, ctx_lens = _attention_rows(meta, input_ids.shape[0])
+        slots = meta.slot_mapping.contiguous()
         k_cache = kv_caches[0][0]
         s = self.step
         s.M, s.BS, s.max_blocks = input_ids.shape[0], k_cache.shape[1], tables.shape[1]
@@ -191,3 +187,23 @@ class FusedDecodeStep:
         if cpu_kernels.kernels().fused_decode_step(ctypes.byref(self.layers), ctypes.byref(s)) != 0:
             raise MemoryError("fused_decode_step: out of memory for the step's scratch")
         return x.to(model.norm.weight.dtype)
+
+
+def _attention_rows(meta: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's block-table row and how many keys it attends (its position + 1), so that every
+    token of the step, decode, prompt chunk or draft token, is one row of the single-query decode
+    kernel. Causal by construction: the C step writes every token's KV before any token attends.
+    (Draft trees, whose tokens attend to their ancestors only, never come here.)"""
+    groups = meta.groups
+    if len(groups) == 1 and groups[0].ctx_lens is not None and groups[0].ctx_lens.shape[0] == num_tokens:
+        return groups[0].block_tables.contiguous(), groups[0].ctx_lens.contiguous()  # decodes only
+    width = max(g.block_tables.shape[1] for g in groups)
+    tables = torch.zeros(num_tokens, width, dtype=torch.long)
+    ctx_lens = torch.zeros(num_tokens, dtype=torch.long)
+    for g in groups:
+        valid = torch.ones_like(g.token_index, dtype=torch.bool) if g.valid is None else g.valid
+        tokens = g.token_index[valid]
+        request = torch.arange(g.token_index.shape[0])[:, None].expand_as(g.token_index)[valid]
+        tables[tokens, :g.block_tables.shape[1]] = g.block_tables[request]
+        ctx_lens[tokens] = g.q_positions[valid] + 1
+    return tables, ctx_lens
