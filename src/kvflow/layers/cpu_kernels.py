@@ -1,5 +1,6 @@
-"""Builds and loads the C kernels in csrc/ (paged decode attention, small-batch matmul, fused ops, quantized decode steps) with the system C compiler (about a second, once per
-machine; cached under ~/.cache/kvflow). The library links libgomp by soname, so it shares the
+"""Builds and loads the C kernels in csrc/ (paged decode attention, small-batch matmul, fused ops,
+whole decode steps) with the system C compiler (a few seconds, once per machine; cached under
+~/.cache/kvflow). The library links libgomp by soname, so it shares the
 OpenMP runtime torch already loaded. Without a compiler, or with KVFLOW_CPU_KERNELS=0, kvflow runs
 the plain-torch path: same results up to float rounding."""
 from __future__ import annotations

@@ -3,20 +3,19 @@
 At batch 1 a small model's decode step is mostly per-op overhead: layer by layer through torch,
 SmolLM2-135M's int8 step makes ~600 torch calls. The C step runs every layer's norms, matmuls (int8
 W8A8 with AVX-512 VNNI, int4 read from torch's pack with int8 activations, or bfloat16 with AVX-512
-BF16), rotary, KV
-write and paged attention itself; Python makes one call. The LM head stays in torch (one call).
+BF16), rotary, KV write and paged attention itself; Python makes one call, and a second one for the
+LM head.
 
 It applies to steps of up to MAX_ROWS tokens without draft trees: decodes, and also short prompt
 chunks and linear speculative drafts (each token attends as its own row: `_attention_rows`), on a
 model whose every layer's matmuls are int8 (W8A8-able), int4 or bfloat16 and that has no per-head
 q/k norm, with a float32, bfloat16 or int8 KV cache. Float32 models keep the layer-by-layer path
 (the one the greedy-equality tests hold exact). Whether it runs is measured like the other fused
-ops (layers/op_select.py): the first
-decode step of each batch-size class times it against the layer-by-layer path on that step's own
-inputs (re-running a decode step rewrites the same KV slots, so timing it twice is harmless), and
-KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8 path's; int4 layers
-quantize their activations to int8 per group of 32 (as llama.cpp's Q4_1 x Q8_1 does); bf16 ones are
-torch's bf16 matmul's; the residual stream stays in float32.
+ops (layers/op_select.py): the first step of each size class times it against the layer-by-layer
+path on that step's own inputs (re-running a step rewrites the same KV slots, so timing it twice is
+harmless), and KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8
+path's; int4 layers quantize their activations to int8 per group of 32 (as llama.cpp's Q4_1 x Q8_1
+does); bf16 ones are torch's bf16 matmul's; the residual stream stays in float32.
 """
 from __future__ import annotations
 
@@ -137,7 +136,7 @@ class FusedDecodeStep:
             return {"c": lambda: self.run(input_ids, positions, kv_caches, meta, num_layers),
                     "torch": lambda: layer_by_layer()}
 
-        if op_select.choose(key, candidates, reps=3) != "c":
+        if op_select.choose(key, candidates, reps=2) != "c":
             return None
         return self.run(input_ids, positions, kv_caches, meta, num_layers)
 
@@ -155,7 +154,7 @@ class FusedDecodeStep:
             return logits
 
         key = ("fused_head", self.head.N, self.head.K, self.head.kind, op_select.rows_class(M))
-        if op_select.choose(key, lambda: {"c": head, "torch": in_torch}, reps=3) != "c":
+        if op_select.choose(key, lambda: {"c": head, "torch": in_torch}, reps=2) != "c":
             return None
         return head()
 

@@ -175,8 +175,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks + use_graphs, self.block_size,
                                             self.kv_cache_dtype, self.device)
         self.model.warm_up_op_choices(max_rows=512)
-        if hasattr(self.model, "enable_fused_decode"):  # Llama family: whole int8/int4/bf16 decode steps in C
-            self.model.enable_fused_decode()
+        self.model.enable_fused_decode()  # small steps of int8 / int4 / bf16 models in one C call
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, config.scheduler.max_num_seqs,

@@ -1,5 +1,6 @@
-/* Whole decode steps of a quantized (int8 / int4) or bfloat16 Llama-family model in one call: every layer's
- * norms, matmuls, rotary, KV write and attention, for M decode tokens (one query token per request).
+/* Whole steps of a quantized (int8 / int4) or bfloat16 Llama-family model in one call: every layer's
+ * norms, matmuls, rotary, KV write and attention, for M tokens that each attend as one query row
+ * (decodes; also the tokens of short prompt chunks and drafts, each with its own context length).
  *
  * Why: at batch 1 a decode step of a small model is mostly per-op overhead. Run layer by layer through
  * torch, SmolLM2-135M's int8 step is ~25 ms, of which the matmuls take ~12 and the rest is hundreds of
@@ -133,7 +134,6 @@ static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* 
     d[0] = _mm512_reduce_add_epi32(a0); d[1] = _mm512_reduce_add_epi32(a1);
     d[2] = _mm512_reduce_add_epi32(a2); d[3] = _mm512_reduce_add_epi32(a3);
 }
-#define HAVE_VNNI 1
 #else  /* no AVX-512 VNNI: plain loops (the kernel then usually loses to torch, and is not chosen) */
 static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
     int32_t s = 0;
@@ -144,7 +144,6 @@ static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
 static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* d) {
     for (int r = 0; r < 4; r++) d[r] = dot_u8s8(x, w + (int64_t)r * K, K);
 }
-#define HAVE_VNNI 0
 #endif
 
 /* y [M, N] = dequant(quant(x) @ q.T) (+ bias). */
