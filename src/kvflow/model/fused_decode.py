@@ -86,6 +86,7 @@ class FusedDecodeStep:
         self.step = _Step(H=cfg.hidden_size, Hq=cfg.num_heads, Hk=cfg.num_kv_heads, D=cfg.head_dim,
                           I=cfg.intermediate_size, eps=cfg.rms_norm_eps, attn_scale=cfg.head_dim ** -0.5,
                           final_norm=self.final_norm)
+        self.query_probe = torch.empty(1, cfg.num_heads, cfg.head_dim)  # the C step's queries: float32 rows
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> FusedDecodeStep | None:
@@ -123,7 +124,7 @@ class FusedDecodeStep:
         k_cache = kv_caches[0][0]
         return (input_ids.shape[0] <= MAX_ROWS and input_ids.device.type == "cpu" and not any(g.tree for g in meta.groups)
                 and k_cache.dtype in _CACHE_KINDS and resolve_backend(meta.backend, input_ids.device) == "cpu"
-                and cpu_kernels.can_run_decode(torch.empty(1, self.step.Hq, self.step.D), k_cache))
+                and cpu_kernels.can_run_decode(self.query_probe, k_cache))
 
     def maybe_run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
                   meta: AttentionMetadata, num_layers: int | None, layer_by_layer) -> torch.Tensor | None:
@@ -159,7 +160,7 @@ class FusedDecodeStep:
         return head()
 
     def _set_caches(self, kv_caches: list) -> None:
-        key = tuple(c[0].data_ptr() for c in kv_caches)
+        key = tuple(getattr(c, "data", c).data_ptr() for c in kv_caches)  # no per-layer view each step
         if key == self.cache_key:
             return
         for c_layer, cache in zip(self.layers, kv_caches):
