@@ -41,6 +41,8 @@ def _engine(path: str, quantization: str = "int8", **options) -> LLM:
 # int4: torch's int4 kernel rounds the activations to bfloat16, the C step to int8 per group of 32;
 # bf16: torch rounds the residual stream and every matmul output to bfloat16, the C step does not
 TOL = {"int8": 1e-3, "int4": 5e-2, "bf16": 3e-2}
+# the plain kernels, and the AMX tile ones where the CPU has them (csrc/fused_decode.c)
+AMX = (False, True) if cpu_kernels.kernels().fused_use_amx(0) else (False,)
 
 
 @pytest.mark.parametrize("arch,kv,quant", [("llama", "float32", "int8"), ("llama", "bfloat16", "int8"),
@@ -61,18 +63,20 @@ def test_step_equals_layer_by_layer(tiny_dirs, monkeypatch, arch, kv, quant):
             pre = build_batch([(seq[:-1], 0, b)], bs, torch.device("cpu"))
             model._forward_layers(pre.input_ids, pre.positions, caches, pre.meta, None)
         dec = build_batch([(seq[-1:], n, b) for seq, n, b in zip(ids, lens, blocks)], bs, torch.device("cpu"))
-        got = model.fused_decode.run(dec.input_ids, dec.positions, caches, dec.meta, None)
-        got_cache = [c.data.clone() for c in caches]
-        want = model._forward_layers(dec.input_ids, dec.positions, caches, dec.meta, None)
-        for c, g in zip(caches, got_cache):  # the C step wrote what the torch path writes
-            diff, top = float((c.data.float() - g.float()).abs().max()), float(c.data.float().abs().max())
-            assert diff <= (max(1.0, TOL[quant] * 127) if kv == "int8" else TOL[quant] * top), diff  # int8: steps
-        assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
-        # the LM head in C equals torch's (which rounds its input to bfloat16 for int8 and int4 weights)
+        for amx in AMX:
+            got = model.fused_decode.run(dec.input_ids, dec.positions, caches, dec.meta, None, amx)
+            got_cache = [c.data.clone() for c in caches]
+            want = model._forward_layers(dec.input_ids, dec.positions, caches, dec.meta, None)
+            for c, g in zip(caches, got_cache):  # the C step wrote what the torch path writes
+                diff, top = float((c.data.float() - g.float()).abs().max()), float(c.data.float().abs().max())
+                assert diff <= (max(1.0, TOL[quant] * 127) if kv == "int8" else TOL[quant] * top), diff  # int8: steps
+            assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
+            # the LM head in C equals torch's (which rounds its input to bfloat16 for int8 and int4 weights)
+            assert model.fused_decode.head is not None
+            logits, ref = model.fused_decode.run_head(want.float().contiguous(), amx), model.lm_head(want).float()
+            assert float((logits - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
         monkeypatch.setenv("KVFLOW_FUSED_OPS", "c")
-        assert model.fused_decode.head is not None
-        logits, ref = model.compute_logits(want), model.lm_head(want).float()
-        assert float((logits - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+        assert float((model.compute_logits(want) - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
         # fewer layers (layer_skip drafts) stop early in both
         short = model.fused_decode.run(dec.input_ids, dec.positions, caches, dec.meta, 1)
         assert torch.allclose(short, model._forward_layers(dec.input_ids, dec.positions, caches, dec.meta, 1),
@@ -82,24 +86,54 @@ def test_step_equals_layer_by_layer(tiny_dirs, monkeypatch, arch, kv, quant):
 @pytest.mark.parametrize("quant", ["int8", "bf16"])
 def test_mixed_step_equals_layer_by_layer(tiny_dirs, quant):
     """Decodes, a chunk after a cached prefix (a prompt's second chunk, or draft tokens to verify) and a
-    fresh prompt chunk in one step of 14 tokens: each token attends as its own row, causally."""
+    fresh prompt chunk in one step of 26 tokens (two AMX row tiles): each token attends as its own row, causally."""
     llm = _engine(tiny_dirs["llama"], quant)
     runner = llm.engine.runner
     model, caches, bs = runner.model, runner.kv_caches, runner.block_size
     gen = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (6, 20, 28, 7)]
-    blocks = [[3], [5, 11], [8, 2], [14]]
+    seqs = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (6, 20, 28, 19)]
+    blocks = [[3], [5, 11], [8, 2], [14, 15]]
     with torch.inference_mode():
         for seq, b, cached in zip(seqs[:3], blocks, (5, 19, 23)):  # prefixes already in the cache
             pre = build_batch([(seq[:cached], 0, b)], bs, torch.device("cpu"))
             model._forward_layers(pre.input_ids, pre.positions, caches, pre.meta, None)
         items = [(seqs[0][5:], 5, blocks[0]), (seqs[1][19:], 19, blocks[1]),  # two decodes
-                 (seqs[2][23:], 23, blocks[2]), (seqs[3], 0, blocks[3])]  # 5 after a prefix, 7 fresh
+                 (seqs[2][23:], 23, blocks[2]), (seqs[3], 0, blocks[3])]  # 5 after a prefix, 19 fresh
         batch = build_batch(items, bs, torch.device("cpu"))
-        assert batch.input_ids.shape[0] == 14 and len(batch.meta.groups) >= 2
-        got = model.fused_decode.run(batch.input_ids, batch.positions, caches, batch.meta, None)
+        assert batch.input_ids.shape[0] == 26 and len(batch.meta.groups) >= 2
         want = model._forward_layers(batch.input_ids, batch.positions, caches, batch.meta, None)
-        assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
+        for amx in AMX:
+            got = model.fused_decode.run(batch.input_ids, batch.positions, caches, batch.meta, None, amx)
+            assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
+
+
+@pytest.mark.parametrize("quant", ["int8", "bf16"])
+def test_tree_step_equals_layer_by_layer(tiny_dirs, quant):
+    """A decode beside a draft tree (a root and six nodes on two branches) in one step: each node sees the
+    cached prefix, its ancestors and itself, with its depth's rotary position, as under the torch path's mask."""
+    llm = _engine(tiny_dirs["llama"], quant)
+    runner = llm.engine.runner
+    model, caches, bs = runner.model, runner.kv_caches, runner.block_size
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (9, 30)]
+    blocks = [[6], [10, 3]]
+    parents = [-1, 0, 1, -1, 3, 0]  # two children of the root, a chain under each, and a sibling
+    with torch.inference_mode():
+        for seq, b, cached in zip(seqs, blocks, (8, 22)):
+            pre = build_batch([(seq[:cached], 0, b)], bs, torch.device("cpu"))
+            model._forward_layers(pre.input_ids, pre.positions, caches, pre.meta, None)
+        items = [(seqs[0][8:], 8, blocks[0]), (seqs[1][22:29], 22, blocks[1])]  # a decode; root + 6 nodes
+        batch = build_batch(items, bs, torch.device("cpu"), trees=[None, parents])
+        assert batch.meta.groups[-1].tree and len(batch.meta.groups[-1].tree_nodes) == 6
+        assert model.fused_decode.applies(batch.input_ids, caches, batch.meta)
+        want = model._forward_layers(batch.input_ids, batch.positions, caches, batch.meta, None)
+        for amx in AMX:
+            got = model.fused_decode.run(batch.input_ids, batch.positions, caches, batch.meta, None, amx)
+            assert float((got - want).abs().max()) <= TOL[quant] * float(want.abs().max())
+        # the same nodes as a plain causal chunk give other states: the ancestor bits were applied
+        causal = build_batch(items, bs, torch.device("cpu"))
+        plain = model.fused_decode.run(causal.input_ids, batch.positions, caches, causal.meta, None)
+        assert float((plain[4:] - want[4:]).abs().max()) > 10 * TOL[quant] * float(want.abs().max())
 
 
 def test_engine_generation_scored_the_same_by_the_layer_by_layer_path(tiny_dirs, monkeypatch):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,9 @@ class AttentionGroup:
     # True when `mask` is not causal (draft-tree ancestor masks): a backend that would infer a
     # causal mask from positions must use `mask` as it is for this group.
     tree: bool = False
+    # The same trees, per node, for kernels that take no mask: (flat token index, position of the
+    # tree's first node, bit k set when node k is this node or one of its ancestors).
+    tree_nodes: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass

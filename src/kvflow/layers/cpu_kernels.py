@@ -49,7 +49,7 @@ def _build() -> ctypes.CDLL | None:
             return None
         os.replace(tmp, target)
     lib = ctypes.CDLL(str(target))
-    args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_void_p] * 2
+    args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_void_p] * 4
     for qt in _DECODE_Q.values():
         for ct in _DECODE_CACHE.values():
             fn = getattr(lib, f"paged_decode_{qt}_{ct}")
@@ -64,6 +64,7 @@ def _build() -> ctypes.CDLL | None:
             getattr(lib, f"{name}_{t}").restype = None
     lib.fused_decode_step.argtypes, lib.fused_decode_step.restype = [p, p], i  # csrc/fused_decode.c
     lib.fused_linear.argtypes, lib.fused_linear.restype = [p, p, i, p], i
+    lib.fused_use_amx.argtypes, lib.fused_use_amx.restype = [i], i
     return lib
 
 
@@ -108,7 +109,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     fn = getattr(_lib, f"paged_decode_{_DECODE_Q[q.dtype]}_{_DECODE_CACHE[k_cache.dtype]}")
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
        out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale,
-       None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr())
+       None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(), None, None)
     return out
 
 

@@ -6,10 +6,10 @@ W8A8 with AVX-512 VNNI, int4 read from torch's pack with int8 activations, or bf
 BF16), rotary, KV write and paged attention itself; Python makes one call, and a second one for the
 LM head.
 
-It applies to steps of up to MAX_ROWS tokens without draft trees: decodes, and also short prompt
-chunks and linear speculative drafts (each token attends as its own row: `_attention_rows`), on a
-model whose every layer's matmuls are int8 (W8A8-able), int4 or bfloat16 and that has no per-head
-q/k norm, with a float32, bfloat16 or int8 KV cache. Float32 models keep the layer-by-layer path
+It applies to steps of up to MAX_ROWS tokens: decodes, and also short prompt chunks and speculative
+drafts, linear or trees (each token attends as its own row: `_attention_rows`; a tree node sees its
+ancestors only), on a model whose every layer's matmuls are int8 (W8A8-able), int4 or bfloat16 and
+that has no per-head q/k norm, with a float32, bfloat16 or int8 KV cache. Float32 models keep the layer-by-layer path
 (the one the greedy-equality tests hold exact). Whether it runs is measured like the other fused
 ops (layers/op_select.py): the first step of each size class times it against the layer-by-layer
 path on that step's own inputs (re-running a step rewrites the same KV slots, so timing it twice is
@@ -31,9 +31,9 @@ from kvflow.layers.quantized_linear import QuantizedLinear
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _KINDS = {"int8": 0, "int4": 1, "bf16": 2, "int8_a16": 3}  # csrc/fused_decode.c's LINEAR_*
-# Past this many rows torch's batched kernels (oneDNN, AMX) win: measured on a Xeon with AMX, the C step
-# was 0.6-0.7x torch's time at 16 rows and 1.0-1.3x at 64. Larger batches are not even timed.
-MAX_ROWS = 32
+# Steps of more tokens are not even timed: there, torch's batched kernels (oneDNN) and its prompt
+# attention win. Up to here the C step is timed against the layer-by-layer path.
+MAX_ROWS = 64
 
 
 class _Linear(ctypes.Structure):
@@ -49,7 +49,8 @@ class _Layer(ctypes.Structure):
 class _Step(ctypes.Structure):
     _fields_ = [(n, _I) for n in ("M", "H", "Hq", "Hk", "D", "I", "BS", "max_blocks", "cache_kind", "num_layers")] + [
         ("eps", _F), ("attn_scale", _F)] + [
-        (n, _P) for n in ("slots", "tables", "ctx_lens", "cos", "sin", "final_norm", "x")]
+        (n, _P) for n in ("slots", "tables", "ctx_lens", "tree_start", "tree_bits", "cos", "sin", "final_norm",
+                          "x")]
 
 
 def _kind(m: torch.nn.Module) -> str | None:
@@ -87,6 +88,9 @@ class FusedDecodeStep:
                           I=cfg.intermediate_size, eps=cfg.rms_norm_eps, attn_scale=cfg.head_dim ** -0.5,
                           final_norm=self.final_norm)
         self.query_probe = torch.empty(1, cfg.num_heads, cfg.head_dim)  # the C step's queries: float32 rows
+        # AMX tile matmuls (csrc/fused_decode.c): compiled in on CPUs that have them, and then timed
+        # against the plain kernels per row count, for the step and the LM head apart
+        self.amx_available = bool(cpu_kernels.kernels().fused_use_amx(0))
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> FusedDecodeStep | None:
@@ -122,7 +126,7 @@ class FusedDecodeStep:
     # ---- per step ----
     def applies(self, input_ids: torch.Tensor, kv_caches: list, meta: AttentionMetadata) -> bool:
         k_cache = kv_caches[0][0]
-        return (input_ids.shape[0] <= MAX_ROWS and input_ids.device.type == "cpu" and not any(g.tree for g in meta.groups)
+        return (input_ids.shape[0] <= MAX_ROWS and input_ids.device.type == "cpu"
                 and k_cache.dtype in _CACHE_KINDS and resolve_backend(meta.backend, input_ids.device) == "cpu"
                 and cpu_kernels.can_run_decode(self.query_probe, k_cache))
 
@@ -147,17 +151,29 @@ class FusedDecodeStep:
         if self.head is None or M > MAX_ROWS or hidden.device.type != "cpu":
             return None
         x = hidden.float().contiguous()
-
-        def head():
-            logits = torch.empty(M, self.head.N)
-            if cpu_kernels.kernels().fused_linear(ctypes.byref(self.head), x.data_ptr(), M, logits.data_ptr()) != 0:
-                raise MemoryError("fused_linear: out of memory for its scratch")
-            return logits
-
         key = ("fused_head", self.head.N, self.head.K, self.head.kind, op_select.rows_class(M))
-        if op_select.choose(key, lambda: {"c": head, "torch": in_torch}, reps=2) != "c":
+        if op_select.choose(key, lambda: {"c": lambda: self.run_head(x), "torch": in_torch}, reps=2) != "c":
             return None
-        return head()
+        return self.run_head(x)
+
+    def run_head(self, x: torch.Tensor, amx: bool | None = None) -> torch.Tensor:
+        """Float32 logits of x [M, H] (float32, contiguous). amx: use the AMX tiles; None: the measured choice."""
+        M = x.shape[0]
+        if amx is None:
+            amx = self._choose_amx(("fused_head_amx", self.head.N, self.head.K, op_select.rows_class(M)),
+                                   lambda a: self.run_head(x, a))
+        logits = torch.empty(M, self.head.N)
+        lib = cpu_kernels.kernels()
+        lib.fused_use_amx(int(amx))
+        if lib.fused_linear(ctypes.byref(self.head), x.data_ptr(), M, logits.data_ptr()) != 0:
+            raise MemoryError("fused_linear: out of memory for its scratch")
+        return logits
+
+    def _choose_amx(self, key: tuple, run) -> bool:
+        if not self.amx_available:
+            return False
+        return op_select.choose(key, lambda: {"amx": lambda: run(True), "plain": lambda: run(False)},
+                                names=("amx", "plain"), reps=2) == "amx"
 
     def _set_caches(self, kv_caches: list) -> None:
         key = tuple(getattr(c, "data", c).data_ptr() for c in kv_caches)  # no per-layer view each step
@@ -171,32 +187,41 @@ class FusedDecodeStep:
         self.cache_key = key
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata,
-            num_layers: int | None) -> torch.Tensor:
+            num_layers: int | None, amx: bool | None = None) -> torch.Tensor:
+        """The step's final hidden states. amx: use the AMX tiles; None: the measured choice."""
+        if amx is None:
+            amx = self._choose_amx(("fused_step_amx", self.step.H, op_select.rows_class(input_ids.shape[0])),
+                                   lambda a: self.run(input_ids, positions, kv_caches, meta, num_layers, a))
         model = self.model
         self._set_caches(kv_caches)
         x = model.embed_tokens(input_ids).float().contiguous()
         cos, sin = model.rotary.cos[positions].contiguous(), model.rotary.sin[positions].contiguous()
-        tables, ctx_lens = _attention_rows(meta, input_ids.shape[0])
+        tables, ctx_lens, tree_start, tree_bits = _attention_rows(meta, input_ids.shape[0])
         slots = meta.slot_mapping.contiguous()
         k_cache = kv_caches[0][0]
         s = self.step
         s.M, s.BS, s.max_blocks = input_ids.shape[0], k_cache.shape[1], tables.shape[1]
         s.cache_kind, s.num_layers = _CACHE_KINDS[k_cache.dtype], min(num_layers or len(self.layers), len(self.layers))
         s.slots, s.tables, s.ctx_lens = slots.data_ptr(), tables.data_ptr(), ctx_lens.data_ptr()
+        s.tree_start = None if tree_start is None else tree_start.data_ptr()
+        s.tree_bits = None if tree_bits is None else tree_bits.data_ptr()
         s.cos, s.sin, s.x = cos.data_ptr(), sin.data_ptr(), x.data_ptr()
-        if cpu_kernels.kernels().fused_decode_step(ctypes.byref(self.layers), ctypes.byref(s)) != 0:
+        lib = cpu_kernels.kernels()
+        lib.fused_use_amx(int(amx))
+        if lib.fused_decode_step(ctypes.byref(self.layers), ctypes.byref(s)) != 0:
             raise MemoryError("fused_decode_step: out of memory for the step's scratch")
         return x.to(model.norm.weight.dtype)
 
 
-def _attention_rows(meta: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_rows(meta: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor, ...]:
     """Each token's block-table row and how many keys it attends (its position + 1), so that every
     token of the step, decode, prompt chunk or draft token, is one row of the single-query decode
     kernel. Causal by construction: the C step writes every token's KV before any token attends.
-    (Draft trees, whose tokens attend to their ancestors only, never come here.)"""
+    Draft-tree nodes also get where their tree starts and their ancestor bits (None, None when the
+    step has no tree)."""
     groups = meta.groups
     if len(groups) == 1 and groups[0].ctx_lens is not None and groups[0].ctx_lens.shape[0] == num_tokens:
-        return groups[0].block_tables.contiguous(), groups[0].ctx_lens.contiguous()  # decodes only
+        return groups[0].block_tables.contiguous(), groups[0].ctx_lens.contiguous(), None, None  # decodes only
     width = max(g.block_tables.shape[1] for g in groups)
     tables = torch.zeros(num_tokens, width, dtype=torch.long)
     ctx_lens = torch.zeros(num_tokens, dtype=torch.long)
@@ -206,4 +231,11 @@ def _attention_rows(meta: AttentionMetadata, num_tokens: int) -> tuple[torch.Ten
         request = torch.arange(g.token_index.shape[0])[:, None].expand_as(g.token_index)[valid]
         tables[tokens, :g.block_tables.shape[1]] = g.block_tables[request]
         ctx_lens[tokens] = g.q_positions[valid] + 1
-    return tables, ctx_lens
+    nodes = [node for g in groups for node in g.tree_nodes]
+    if not nodes:
+        return tables, ctx_lens, None, None
+    tree_start, tree_bits = ctx_lens.clone(), torch.zeros(num_tokens, dtype=torch.long)
+    token, start, bits = zip(*nodes)
+    tree_start[list(token)] = torch.tensor(start)
+    tree_bits[list(token)] = torch.tensor(bits)
+    return tables, ctx_lens, tree_start, tree_bits

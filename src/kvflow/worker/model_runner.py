@@ -121,6 +121,7 @@ def _apply_trees(trees, groups, positions, first_token, lens_t) -> torch.Tensor:
         anc = torch.zeros(n, n, dtype=torch.bool)
         for j, path in enumerate(ancestors(parents)):
             anc[j, path] = True
+            chunk.tree_nodes.append((first + j, root_pos + 1, sum(1 << k for k in path)))
         q0 = int(lens_t[i]) - n  # the nodes' rows in this item's chunk
         mask[b, 0, q0:q0 + n, root_pos + 1:root_pos + 1 + n] = anc.to(mask.device)
         chunk.tree = True

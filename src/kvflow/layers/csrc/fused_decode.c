@@ -1,6 +1,7 @@
 /* Whole steps of a quantized (int8 / int4) or bfloat16 Llama-family model in one call: every layer's
  * norms, matmuls, rotary, KV write and attention, for M tokens that each attend as one query row
- * (decodes; also the tokens of short prompt chunks and drafts, each with its own context length).
+ * (decodes; also the tokens of short prompt chunks and drafts, each with its own context length, and
+ * draft-tree nodes, which see their ancestors only).
  *
  * Why: at batch 1 a decode step of a small model is mostly per-op overhead. Run layer by layer through
  * torch, SmolLM2-135M's int8 step is ~25 ms, of which the matmuls take ~12 and the rest is hundreds of
@@ -42,7 +43,7 @@ void add_rmsnorm_f32(const float* x, float* residual, const float* w, float* out
 void silu_mul_f32(const float* gu, float* out, int rows, int I);
 void rotary_f32(float* x, int rows, int stride, int H, int D, const float* cos, const float* sin);
 #define DECODE_ARGS int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale, const float* k_scale, \
-    const float* v_scale
+    const float* v_scale, const int64_t* tree_start, const int64_t* tree_bits
 void paged_decode_f32_f32(const float* q, const float* kc, const float* vc, const int64_t* tables,
                           const int64_t* ctx_lens, float* out, DECODE_ARGS);
 void paged_decode_f32_bf16(const float* q, const uint16_t* kc, const uint16_t* vc, const int64_t* tables,
@@ -80,30 +81,61 @@ typedef struct {
     const int64_t* slots;     /* [M] flat cache slot of each token */
     const int64_t* tables;    /* [M, max_blocks] */
     const int64_t* ctx_lens;  /* [M], this token included */
+    const int64_t* tree_start;  /* [M] or NULL: draft-tree nodes see, from this key on, only the keys */
+    const int64_t* tree_bits;   /* [M]        whose bit is set (their ancestors and themselves) */
     const float* cos;         /* [M, D] */
     const float* sin;
     const float* final_norm;  /* [H] */
     float* x;                 /* in: embeddings [M, H]; out: the final normed hidden states */
 } DecodeStep;
 
-/* The matmuls below walk output rows four at a time (more loads in flight, and each activation vector
- * is used four times), quads split across the OpenMP threads, every input row m of x while the quad's
- * weights are in L1. The body sees n0, rows (4, or fewer at the end) and m. */
-#define FOR_ROW_QUADS(N, M)                                              \
-    _Pragma("omp parallel for schedule(static)")                         \
-    for (int n0 = 0; n0 < (N); n0 += 4)                                  \
-        for (int m = 0, rows = (N) - n0 < 4 ? (N) - n0 : 4; m < (M); m++)
+/* The matmuls below walk output rows four at a time (a quad; quads split across the OpenMP threads)
+ * and multiply each quad by up to TILE input rows of x at once: a tile of 4 x R dot products, where
+ * each weight load serves R input rows and each input load four weight rows. The quad is read from
+ * memory by the first tile (which also prefetches the next quad) and from L1 by the others. Without
+ * the tiles, a step's cost grew by about its one-row cost per row (weights widened or loaded again
+ * per row); draft trees and batches are several rows. The body sees n0, rows (4, or fewer at the
+ * end), m0 and R. */
+#define TILE 4
+#define FOR_TILES(N, M)                                                                      \
+    _Pragma("omp parallel for schedule(static)")                                             \
+    for (int n0 = 0; n0 < (N); n0 += 4)                                                      \
+        for (int m0 = 0, rows = (N) - n0 < 4 ? (N) - n0 : 4, R; m0 < (M) && (R = (M) - m0 < TILE ? (M) - m0 : TILE); \
+             m0 += TILE)
+
+/* Calls FN(..., R, ...) with R a constant, so that FN's loops over the tile's rows unroll and its
+ * accumulators stay in registers. */
+#define WITH_CONST_R(R, CALL)                                                                \
+    switch (R) { case 1: { enum { R_ = 1 }; CALL; } break; case 2: { enum { R_ = 2 }; CALL; } break; \
+                 case 3: { enum { R_ = 3 }; CALL; } break; default: { enum { R_ = 4 }; CALL; } }
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* ---------------- W8A8 matmul ---------------- */
 static void quantize_rows(const float* x, int M, int K, uint8_t* xu, float* xa) {
     for (int m = 0; m < M; m++) {
         const float* r = x + (int64_t)m * K;
+        uint8_t* u = xu + (int64_t)m * K;
         float mx = 0.f;
-        for (int k = 0; k < K; k++) mx = fmaxf(mx, fabsf(r[k]));
+        int k = 0;
+#ifdef __AVX512F__  /* the same divisions and round-half-to-even, 16 at a time */
+        __m512 vmx = _mm512_setzero_ps();
+        for (; k + 16 <= K; k += 16) vmx = _mm512_max_ps(vmx, _mm512_abs_ps(_mm512_loadu_ps(r + k)));
+        mx = _mm512_reduce_max_ps(vmx);
+#endif
+        for (; k < K; k++) mx = fmaxf(mx, fabsf(r[k]));
         const float a = fmaxf(mx, 1e-12f) / 127.f;
         xa[m] = a;
-        uint8_t* u = xu + (int64_t)m * K;
-        for (int k = 0; k < K; k++) u[k] = (uint8_t)((int)nearbyintf(r[k] / a) + 128);
+        k = 0;
+#ifdef __AVX512F__
+        const __m512 va = _mm512_set1_ps(a);
+        for (; k + 16 <= K; k += 16) {
+            const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(r + k), va),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i b = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
+            _mm_storeu_si128((__m128i*)(u + k), _mm512_cvtepi32_epi8(b));
+        }
+#endif
+        for (; k < K; k++) u[k] = (uint8_t)((int)nearbyintf(r[k] / a) + 128);
     }
 }
 
@@ -120,20 +152,24 @@ static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
     return _mm512_reduce_add_epi32(acc);
 }
 
-/* d[r] = x . w[r] for four consecutive weight rows, K a multiple of 64. */
-static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* d) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+/* d[r][c] = x[r] . w[c] for R input rows and four consecutive weight rows, K a multiple of 64. */
+ALWAYS_INLINE void tile_u8s8(const uint8_t* x, const int8_t* w, int K, int R, int prefetch, int32_t (*d)[4]) {
+    __m512i acc[TILE][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
     for (int k = 0; k < K; k += 64) {
-        prefetch_lines(w + 4 * K + 4 * k, 256);
-        const __m512i xv = _mm512_loadu_si512(x + k);
-        a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512(w + k));
-        a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512(w + K + k));
-        a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512(w + 2 * K + k));
-        a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512(w + 3 * K + k));
+        if (prefetch) prefetch_lines(w + 4 * K + 4 * k, 256);
+        __m512i wv[4];
+        for (int c = 0; c < 4; c++) wv[c] = _mm512_loadu_si512(w + c * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m512i xv = _mm512_loadu_si512(x + r * K + k);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv, wv[c]);
+        }
     }
-    d[0] = _mm512_reduce_add_epi32(a0); d[1] = _mm512_reduce_add_epi32(a1);
-    d[2] = _mm512_reduce_add_epi32(a2); d[3] = _mm512_reduce_add_epi32(a3);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) d[r][c] = _mm512_reduce_add_epi32(acc[r][c]);
 }
+#define INT8_TILE_K 64
 #else  /* no AVX-512 VNNI: plain loops (the kernel then usually loses to torch, and is not chosen) */
 static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
     int32_t s = 0;
@@ -141,9 +177,11 @@ static inline int32_t dot_u8s8(const uint8_t* x, const int8_t* w, int K) {
     return s;
 }
 
-static inline void dot4_u8s8(const uint8_t* x, const int8_t* w, int K, int32_t* d) {
-    for (int r = 0; r < 4; r++) d[r] = dot_u8s8(x, w + (int64_t)r * K, K);
+ALWAYS_INLINE void tile_u8s8(const uint8_t* x, const int8_t* w, int K, int R, int prefetch, int32_t (*d)[4]) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) d[r][c] = dot_u8s8(x + r * K, w + c * K, K);
 }
+#define INT8_TILE_K 1
 #endif
 
 /* y [M, N] = dequant(quant(x) @ q.T) (+ bias). */
@@ -151,14 +189,17 @@ static void linear_int8(const QLinear* L, const float* x, int M, uint8_t* xu, fl
     const int N = L->N, K = L->K;
     const int8_t* W = (const int8_t*)L->q;
     quantize_rows(x, M, K, xu, xa);
-    FOR_ROW_QUADS(N, M) {
-        const uint8_t* xr = xu + (int64_t)m * K;
-        int32_t d[4];
-        if (rows == 4 && (K & 63) == 0) dot4_u8s8(xr, W + (int64_t)n0 * K, K, d);
-        else for (int r = 0; r < rows; r++) d[r] = dot_u8s8(xr, W + (int64_t)(n0 + r) * K, K);
-        float* yr = y + (int64_t)m * N + n0;
-        for (int r = 0, n = n0; r < rows; r++, n++)
-            yr[r] = (float)(d[r] - 128 * L->qsum[n]) * xa[m] * L->scale[n] + (L->bias ? L->bias[n] : 0.f);
+    FOR_TILES(N, M) {
+        const uint8_t* xr = xu + (int64_t)m0 * K;
+        const int8_t* w = W + (int64_t)n0 * K;
+        int32_t d[TILE][4];
+        if (rows == 4 && K % INT8_TILE_K == 0) WITH_CONST_R(R, tile_u8s8(xr, w, K, R_, m0 == 0, d))
+        else for (int r = 0; r < R; r++)
+            for (int c = 0; c < rows; c++) d[r][c] = dot_u8s8(xr + r * K, w + c * K, K);
+        for (int r = 0, m = m0; r < R; r++, m++)
+            for (int c = 0, n = n0; c < rows; c++, n++)
+                y[(int64_t)m * N + n] = (float)(d[r][c] - 128 * L->qsum[n]) * xa[m] * L->scale[n]
+                                        + (L->bias ? L->bias[n] : 0.f);
     }
 }
 
@@ -269,22 +310,25 @@ static void linear_int4(const QLinear* L, const float* x, int M, int8_t* xq, flo
  * the torch bf16 path's activations are) and multiplied with the CPU's bf16 dot products (AVX-512
  * BF16: pairs of bf16 products summed in float32). */
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-static inline void dot4_bf16(const uint16_t* x, const uint16_t* w, int K, float* d) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+ALWAYS_INLINE void tile_bf16(const uint16_t* x, const uint16_t* w, int K, int R, int prefetch, float (*d)[4]) {
+    __m512 acc[TILE][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 32) {
-        prefetch_lines(w + 4 * K + 4 * k, 256);
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
-        a0 = _mm512_dpbf16_ps(a0, xv, (__m512bh)_mm512_loadu_si512(w + k));
-        a1 = _mm512_dpbf16_ps(a1, xv, (__m512bh)_mm512_loadu_si512(w + K + k));
-        a2 = _mm512_dpbf16_ps(a2, xv, (__m512bh)_mm512_loadu_si512(w + 2 * K + k));
-        a3 = _mm512_dpbf16_ps(a3, xv, (__m512bh)_mm512_loadu_si512(w + 3 * K + k));
+        if (prefetch) prefetch_lines(w + 4 * K + 4 * k, 256);
+        __m512bh wv[4];
+        for (int c = 0; c < 4; c++) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+        }
     }
-    d[0] = _mm512_reduce_add_ps(a0); d[1] = _mm512_reduce_add_ps(a1);
-    d[2] = _mm512_reduce_add_ps(a2); d[3] = _mm512_reduce_add_ps(a3);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) d[r][c] = _mm512_reduce_add_ps(acc[r][c]);
 }
-#define HAVE_BF16_DOT 1
+#define BF16_TILE_K 32
 #else
-#define HAVE_BF16_DOT 0
+#define BF16_TILE_K 0  /* no tile: dot_bf16 below */
 #endif
 
 static inline float dot_bf16(const uint16_t* x, const uint16_t* w, int K) {
@@ -302,16 +346,18 @@ static void linear_bf16(const QLinear* L, const float* x, int M, uint16_t* xb, f
     const int N = L->N, K = L->K;
     const uint16_t* W = (const uint16_t*)L->q;
     for (int64_t i = 0; i < (int64_t)M * K; i++) xb[i] = f32_to_bf16(x[i]);
-    FOR_ROW_QUADS(N, M) {
-        const uint16_t* xr = xb + (int64_t)m * K;
-        float d[4];
-#if HAVE_BF16_DOT
-        if (rows == 4 && (K & 31) == 0) dot4_bf16(xr, W + (int64_t)n0 * K, K, d);
+    FOR_TILES(N, M) {
+        const uint16_t* xr = xb + (int64_t)m0 * K;
+        const uint16_t* w = W + (int64_t)n0 * K;
+        float d[TILE][4];
+#if BF16_TILE_K
+        if (rows == 4 && K % BF16_TILE_K == 0) WITH_CONST_R(R, tile_bf16(xr, w, K, R_, m0 == 0, d))
         else
 #endif
-        for (int r = 0; r < rows; r++) d[r] = dot_bf16(xr, W + (int64_t)(n0 + r) * K, K);
-        float* yr = y + (int64_t)m * N + n0;
-        for (int r = 0, n = n0; r < rows; r++, n++) yr[r] = d[r] + (L->bias ? L->bias[n] : 0.f);
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < rows; c++) d[r][c] = dot_bf16(xr + r * K, w + c * K, K);
+        for (int r = 0, m = m0; r < R; r++, m++)
+            for (int c = 0, n = n0; c < rows; c++, n++) y[(int64_t)m * N + n] = d[r][c] + (L->bias ? L->bias[n] : 0.f);
     }
 }
 
@@ -319,59 +365,208 @@ static void linear_bf16(const QLinear* L, const float* x, int M, uint16_t* xb, f
  * activations are not rounded to int8, see layers/quantized_linear.py): weights widened to float32 in
  * registers. */
 #ifdef __AVX512F__
-static inline void dot4_i8_f32(const float* x, const int8_t* w, int K, float* d) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+ALWAYS_INLINE void tile_i8_f32(const float* x, const int8_t* w, int K, int R, int prefetch, float (*d)[4]) {
+    __m512 acc[TILE][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 16) {
-        prefetch_lines(w + 4 * K + 4 * k, 64);
-        const __m512 xv = _mm512_loadu_ps(x + k);
-#define WIDEN(R) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + (R) * K + k))))
-        a0 = _mm512_fmadd_ps(WIDEN(0), xv, a0);
-        a1 = _mm512_fmadd_ps(WIDEN(1), xv, a1);
-        a2 = _mm512_fmadd_ps(WIDEN(2), xv, a2);
-        a3 = _mm512_fmadd_ps(WIDEN(3), xv, a3);
-#undef WIDEN
+        if (prefetch) prefetch_lines(w + 4 * K + 4 * k, 64);
+        __m512 wv[4];  /* widened once for the tile's R rows */
+        for (int c = 0; c < 4; c++)
+            wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + c * K + k))));
+        for (int r = 0; r < R; r++) {
+            const __m512 xv = _mm512_loadu_ps(x + r * K + k);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_fmadd_ps(wv[c], xv, acc[r][c]);
+        }
     }
-    d[0] = _mm512_reduce_add_ps(a0); d[1] = _mm512_reduce_add_ps(a1);
-    d[2] = _mm512_reduce_add_ps(a2); d[3] = _mm512_reduce_add_ps(a3);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) d[r][c] = _mm512_reduce_add_ps(acc[r][c]);
 }
-#define HAVE_I8_F32_DOT 1
+#define I8_F32_TILE_K 16
 #else
-#define HAVE_I8_F32_DOT 0
+#define I8_F32_TILE_K 0
 #endif
 
 static void linear_int8_a16(const QLinear* L, const float* x, int M, float* y) {
     const int N = L->N, K = L->K;
     const int8_t* W = (const int8_t*)L->q;
-    FOR_ROW_QUADS(N, M) {
-        const float* xr = x + (int64_t)m * K;
-        float d[4];
-#if HAVE_I8_F32_DOT
-        if (rows == 4 && (K & 15) == 0) dot4_i8_f32(xr, W + (int64_t)n0 * K, K, d);
+    FOR_TILES(N, M) {
+        const float* xr = x + (int64_t)m0 * K;
+        const int8_t* w = W + (int64_t)n0 * K;
+        float d[TILE][4];
+#if I8_F32_TILE_K
+        if (rows == 4 && K % I8_F32_TILE_K == 0) WITH_CONST_R(R, tile_i8_f32(xr, w, K, R_, m0 == 0, d))
         else
 #endif
-        for (int r = 0; r < rows; r++) {
-            const int8_t* wr = W + (int64_t)(n0 + r) * K;
-            d[r] = 0.f;
-            for (int k = 0; k < K; k++) d[r] += (float)wr[k] * xr[k];
-        }
-        float* yr = y + (int64_t)m * N + n0;
-        for (int r = 0, n = n0; r < rows; r++, n++) yr[r] = d[r] * L->scale[n] + (L->bias ? L->bias[n] : 0.f);
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < rows; c++) {
+                d[r][c] = 0.f;
+                for (int k = 0; k < K; k++) d[r][c] += (float)w[c * K + k] * xr[r * K + k];
+            }
+        for (int r = 0, m = m0; r < R; r++, m++)
+            for (int c = 0, n = n0; c < rows; c++, n++)
+                y[(int64_t)m * N + n] = d[r][c] * L->scale[n] + (L->bias ? L->bias[n] : 0.f);
     }
 }
 
+/* ---------------- AMX tiles ----------------
+ * On CPUs with AMX (Sapphire Rapids and later) a tile multiply does 16 x 16 x 32 bf16 (or x 64 int8)
+ * products in one instruction, so a step of many rows (draft trees, batches, prompt chunks) costs about
+ * what one row does: the weights' memory traffic. Weights are the A tiles as they lie ([N, K] rows,
+ * 16 rows x 64 bytes); the step's activations are repacked once per matmul into B tiles: tile (t, c)
+ * row p holds, for the 16 rows m of row tile t, the 4 bytes of x[m] at 64 c + 4 p (two bf16 or four
+ * int8 values: the pairs and quads the tile multiply sums). Output tiles are C[n][m] for 32 weight rows
+ * by 16 or 32 input rows. int8 multiplies signed weights by the unsigned x + 128, as the VNNI path
+ * does: the int32 sums are the same. Used when Python turns it on (fused_use_amx: it is timed against
+ * the plain kernels like every choice) and the kernel has the OS's permission for the tile data. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+
+static int amx_on = 0;
+
+int fused_use_amx(int on) {
+    static int permitted = -1;  /* Linux hands out the 8 KiB of tile state only on request */
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    amx_on = on && permitted;
+    return permitted;
+}
+
+static void tiles_configure(void) {  /* per thread: eight tiles of 16 rows x 64 bytes */
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
+    _tile_loadconfig(&c);
+}
+
+/* x: M rows of `row_bytes` bytes -> B tiles [M / 16 rounded up][row_bytes / 64][16][16] uint32, zero padded. */
+static void pack_b_tiles(const uint8_t* x, int M, int row_bytes, uint32_t* out) {
+    const int chunks = row_bytes / 64, tiles = (M + 15) / 16;
+    for (int t = 0; t < tiles; t++)
+        for (int c = 0; c < chunks; c++) {
+            uint32_t* tile = out + ((int64_t)t * chunks + c) * 256;
+            for (int m = 0; m < 16; m++) {
+                const int row = 16 * t + m;
+                const uint32_t* src = (const uint32_t*)(x + (int64_t)row * row_bytes + 64 * c);
+                for (int p = 0; p < 16; p++) tile[p * 16 + m] = row < M ? src[p] : 0;
+            }
+        }
+}
+
+/* C tiles for 32 weight rows at w (A rows `stride` bytes apart) by one or two row tiles of B at xt:
+ * c[(j * 2 + h) * 256 + r * 16 + m] for weight row 16 h + r and input row 16 j + m. */
+static void amx_block(int int8, const uint8_t* w, int64_t stride, const uint8_t* xt, int chunks, int two, void* c) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int k = 0; k < chunks; k++) {
+        _tile_loadd(4, w + 64 * k, stride);
+        _tile_loadd(5, w + 16 * stride + 64 * k, stride);
+        _tile_loadd(6, xt + 1024 * k, 64);
+        if (int8) { _tile_dpbsud(0, 4, 6); _tile_dpbsud(1, 5, 6); }
+        else { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 5, 6); }
+        if (two) {
+            _tile_loadd(7, xt + 1024 * ((int64_t)chunks + k), 64);
+            if (int8) { _tile_dpbsud(2, 4, 7); _tile_dpbsud(3, 5, 7); }
+            else { _tile_dpbf16ps(2, 4, 7); _tile_dpbf16ps(3, 5, 7); }
+        }
+    }
+    _tile_stored(0, c, 64); _tile_stored(1, (uint8_t*)c + 1024, 64);
+    if (two) { _tile_stored(2, (uint8_t*)c + 2048, 64); _tile_stored(3, (uint8_t*)c + 3072, 64); }
+}
+
+/* int8 weight rows -> bfloat16 (exact: |q| <= 127), for the W8A16 LM head. */
+static void widen_rows_bf16(const int8_t* q, int rows, int K, uint16_t* out) {
+    for (int64_t i = 0; i < (int64_t)rows * K; i += 16) {
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + i))));
+        _mm256_storeu_si256((__m256i*)(out + i), (__m256i)_mm512_cvtneps_pbh(f));
+    }
+}
+
+/* y [M, N] from A (the weights, or for int8_a16 their bf16 widening) and x packed to B tiles (xt):
+ * y = epilogue of the int32 (int8) or float sums. N a multiple of 32; K of 64 (int8) or 32. */
+static void linear_amx(const QLinear* L, int M, const uint8_t* xt, const float* xa, float* y) {
+    const int N = L->N, K = L->K, int8 = L->kind == LINEAR_INT8, widen = L->kind == LINEAR_INT8_A16;
+    const int row_bytes = int8 ? K : 2 * K, chunks = row_bytes / 64, tiles = (M + 15) / 16;
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(32));  /* offsets of T[i][n] */
+    #pragma omp parallel
+    {
+        tiles_configure();
+        uint16_t* wide = widen ? (uint16_t*)aligned_alloc(64, (size_t)32 * K * 2) : NULL;
+        union { float f[1024]; int32_t i[1024]; } c __attribute__((aligned(64)));
+        float T[16 * 32] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int n0 = 0; n0 < N; n0 += 32) {
+            const uint8_t* w = (const uint8_t*)L->q + (int64_t)n0 * (widen ? K : row_bytes);
+            if (widen) { widen_rows_bf16((const int8_t*)w, 32, K, wide); w = (const uint8_t*)wide; }
+            for (int t = 0; t < tiles; t += 2) {
+                const int two = t + 1 < tiles;
+                amx_block(int8, w, row_bytes, xt + (int64_t)t * chunks * 1024, chunks, two, &c);
+                for (int j = 0; j < 1 + two; j++) {  /* C[n][m]: 16 m per n, turned into rows of 32 n in T */
+                    const int m0 = 16 * (t + j), left = M - m0;
+                    const __mmask16 valid = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+                    const __m512 row_scale = int8 ? _mm512_maskz_loadu_ps(valid, xa + m0) : _mm512_set1_ps(1.f);
+                    for (int h = 0; h < 2; h++)
+                        for (int r = 0; r < 16; r++) {
+                            const int n = n0 + 16 * h + r, at = (j * 2 + h) * 256 + r * 16;
+                            __m512 v;
+                            if (int8) v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c.i + at),
+                                                                              _mm512_set1_epi32(128 * L->qsum[n])));
+                            else v = _mm512_load_ps(c.f + at);
+                            v = _mm512_mul_ps(v, _mm512_mul_ps(row_scale, _mm512_set1_ps(int8 || widen ? L->scale[n] : 1.f)));
+                            v = _mm512_add_ps(v, _mm512_set1_ps(L->bias ? L->bias[n] : 0.f));
+                            _mm512_i32scatter_ps(T + 16 * h + r, column, v, 4);
+                        }
+                    /* whole rows out: 16 values scattered N floats apart would all fall in one cache set */
+                    for (int mm = 0; mm < 16 && mm < left; mm++)
+                        memcpy(y + (int64_t)(m0 + mm) * N + n0, T + 32 * mm, 32 * sizeof(float));
+                }
+            }
+        }
+        free(wide);
+        _tile_release();
+    }
+}
+
+static int amx_applies(const QLinear* L) {
+    const int k_unit = L->kind == LINEAR_INT8 ? 64 : 32;
+    return amx_on && L->kind != LINEAR_INT4 && L->N % 32 == 0 && L->K % k_unit == 0;
+}
+#else
+#define HAVE_AMX 0
+int fused_use_amx(int on) { (void)on; return 0; }
+#endif
+
 /* xu / xa: scratch for the quantized activations: int8 bytes or bf16 (M x the largest K x 2 bytes) in xu,
+ * then room for them packed as AMX tiles (the same, M rounded up to 16);
  * per-row scales (int8) or per-group scales and sums (int4: 2 x M x K / 32) in xa */
 static void linear(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
+#if HAVE_AMX
+    if (amx_applies(L)) {
+        uint8_t* xt = xu + (((int64_t)M * L->K * 2 + 63) / 64) * 64;
+        if (L->kind == LINEAR_INT8) quantize_rows(x, M, L->K, xu, xa);
+        else for (int64_t i = 0; i < (int64_t)M * L->K; i++) ((uint16_t*)xu)[i] = f32_to_bf16(x[i]);
+        pack_b_tiles(xu, M, L->kind == LINEAR_INT8 ? L->K : 2 * L->K, (uint32_t*)xt);
+        linear_amx(L, M, xt, xa, y);
+        return;
+    }
+#endif
     if (L->kind == LINEAR_INT8) linear_int8(L, x, M, xu, xa, y);
     else if (L->kind == LINEAR_INT4) linear_int4(L, x, M, (int8_t*)xu, xa, y);
     else if (L->kind == LINEAR_BF16) linear_bf16(L, x, M, (uint16_t*)xu, y);
     else linear_int8_a16(L, x, M, y);
 }
 
+/* Bytes of xu scratch for M rows of at most max_k inputs. */
+static int64_t xu_bytes(int M, int max_k) {
+    return (((int64_t)M * max_k * 2 + 63) / 64) * 64 + (int64_t)((M + 15) / 16) * 16 * max_k * 2;
+}
+
 /* One matmul of M rows on its own (the LM head after a fused step). */
 int fused_linear(const QLinear* L, const float* x, int M, float* y) {
     const int k = L->K > 64 ? L->K : 64;
-    uint8_t* xu = (uint8_t*)aligned_alloc(64, (((int64_t)M * k * 2 + 63) / 64) * 64);
+    uint8_t* xu = (uint8_t*)aligned_alloc(64, ((xu_bytes(M, k) + 63) / 64) * 64);
     float* xa = (float*)aligned_alloc(64, (((int64_t)M * k * 4 + 63) / 64) * 64);
     if (!xu || !xa) { free(xu); free(xa); return -1; }
     linear(L, x, M, xu, xa, y);
@@ -415,7 +610,8 @@ static void write_kv(const DecodeStep* s, const DecodeLayer* layer, const float*
 static void attend(const DecodeStep* s, const DecodeLayer* layer, const float* q, float* out) {
     const int args[] = {s->M, s->Hq, s->Hk, s->D, s->BS, s->max_blocks};
 #define ATTEND(FN, T) FN(q, (const T*)layer->k_cache, (const T*)layer->v_cache, s->tables, s->ctx_lens, out, \
-    args[0], args[1], args[2], args[3], args[4], args[5], s->attn_scale, layer->k_scale, layer->v_scale)
+    args[0], args[1], args[2], args[3], args[4], args[5], s->attn_scale, layer->k_scale, layer->v_scale, \
+    s->tree_start, s->tree_bits)
     if (s->cache_kind == CACHE_F32) ATTEND(paged_decode_f32_f32, float);
     else if (s->cache_kind == CACHE_BF16) ATTEND(paged_decode_f32_bf16, uint16_t);
     else ATTEND(paged_decode_f32_i8, int8_t);
@@ -435,7 +631,7 @@ int fused_decode_step(const DecodeLayer* layers, const DecodeStep* s) {
     const int max_k = max4(H, q_size, s->I, 64);
     /* one allocation for the step's scratch: residual, normed, qkv, q, attention out, gate_up, act, quantized x */
     const int64_t floats = (int64_t)M * (2 * H + qkv_n + 2 * q_size + gu_n + s->I + max_k);  /* xa: M x max_k */
-    float* buf = (float*)aligned_alloc(64, ((floats * 4 + (int64_t)M * max_k * 2 + 63) / 64) * 64);
+    float* buf = (float*)aligned_alloc(64, ((floats * 4 + xu_bytes(M, max_k) + 63) / 64) * 64);
     if (!buf) return -1;
     float* residual = buf;
     float* h = residual + (int64_t)M * H;

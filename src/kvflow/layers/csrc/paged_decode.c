@@ -6,8 +6,15 @@
  * The cache may be stored in another precision than the queries (kv_cache_dtype): float32,
  * bfloat16, float8 e4m3 (no scale) or int8 with one float32 scale per (token, kv head), kept in
  * k_scale / v_scale laid out as [num_blocks, block_size, Hk]. Each key or value row is converted
- * to float32 once, in registers-sized scratch; the cache is never copied. */
+ * to float32 once, in registers (AVX-512, head sizes that are a multiple of 16) or in a row of
+ * scratch; the cache is never copied. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -30,6 +37,22 @@ __attribute__((constructor)) static void fill_fp8_table(void) {
 static inline float fp8_to_f32(uint8_t x) { return fp8_table[x]; }
 static inline float i8_to_f32(int8_t x) { return (float)x; }
 
+#define MAX_G 32
+#define MAX_D 256
+#define MAX_BS 64
+
+/* Per (request, kv head): its g query heads qf [g][D], already multiplied by the softmax scale, in;
+ * their attention outputs out [g][D] (float32) out. `table` is the request's row of block ids. */
+#define HEAD_ARGS const float (*qf)[MAX_D], const int64_t* table, int64_t n, int h, int hn, int g, int Hk, int D, \
+    int BS, const float* k_scale, const float* v_scale, int64_t tree_start, uint64_t tree_bits, float (*out)[MAX_D]
+
+/* Draft trees: a node sees every key before tree_start (the committed context) and, past it, only its
+ * ancestors and itself (bit p - tree_start of tree_bits set). Rows that are not tree nodes pass
+ * tree_start = n. The first key is always visible, so every running max is finite after one block. */
+static inline int hidden_key(int64_t p, int64_t tree_start, uint64_t tree_bits) {
+    return p >= tree_start && (p - tree_start >= 64 || !((tree_bits >> (p - tree_start)) & 1));
+}
+
 /* 16 independent partial sums, so the compiler vectorises without reassociating (no -ffast-math). */
 static inline float dot16(const float* restrict a, const float* restrict b, int n) {
     float part[16] = {0};
@@ -42,75 +65,219 @@ static inline float dot16(const float* restrict a, const float* restrict b, int 
     return sum;
 }
 
-#define MAX_G 32
-#define MAX_D 256
-#define MAX_BS 64
+/* Scalar path: any head size, any CPU. */
+#define DEFINE_HEAD_SCALAR(NAME, CT, CLOAD)                                                              \
+static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {                                      \
+    float acc[MAX_G][MAX_D], m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS], kf[MAX_D], vf[MAX_D];                 \
+    for (int i = 0; i < g; i++) {                                                                        \
+        for (int d = 0; d < D; d++) acc[i][d] = 0.f;                                                     \
+        m[i] = -INFINITY; l[i] = 0.f;                                                                    \
+    }                                                                                                    \
+    for (int64_t start = 0; start < n; start += BS) {                                                    \
+        const int64_t block = table[start / BS];                                                         \
+        const int cnt = (int)((n - start) < BS ? (n - start) : BS);                                      \
+        for (int j = 0; j < cnt; j++) {                                                                  \
+            const int64_t row = (block * BS + j) * Hk + h;                                               \
+            const CT* kp = k_cache + row * D;                                                            \
+            for (int d = 0; d < D; d++) kf[d] = CLOAD(kp[d]);                                            \
+            const float ks = k_scale ? k_scale[row] : 1.f;                                               \
+            const int hidden = hidden_key(start + j, tree_start, tree_bits);                             \
+            for (int i = 0; i < g; i++) s[i][j] = hidden ? -INFINITY : dot16(qf[i], kf, D) * ks;         \
+        }                                                                                                \
+        for (int i = 0; i < g; i++) {                                                                    \
+            float mx = m[i];                                                                             \
+            for (int j = 0; j < cnt; j++) mx = s[i][j] > mx ? s[i][j] : mx;                              \
+            const float corr = expf(m[i] - mx);                                                          \
+            l[i] *= corr;                                                                                \
+            for (int d = 0; d < D; d++) acc[i][d] *= corr;                                               \
+            for (int j = 0; j < cnt; j++) { s[i][j] = expf(s[i][j] - mx); l[i] += s[i][j]; }             \
+            m[i] = mx;                                                                                   \
+        }                                                                                                \
+        for (int j = 0; j < cnt; j++) {                                                                  \
+            const int64_t row = (block * BS + j) * Hk + h;                                               \
+            const CT* vp = v_cache + row * D;                                                            \
+            for (int d = 0; d < D; d++) vf[d] = CLOAD(vp[d]);                                            \
+            const float vs = v_scale ? v_scale[row] : 1.f;                                               \
+            for (int i = 0; i < g; i++) {                                                                \
+                const float p = s[i][j] * vs;                                                            \
+                for (int d = 0; d < D; d++) acc[i][d] += p * vf[d];                                      \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int i = 0; i < g; i++) {                                                                        \
+        const float inv = 1.f / l[i];                                                                    \
+        for (int d = 0; d < D; d++) out[i][d] = acc[i][d] * inv;                                         \
+    }                                                                                                    \
+}
+
+DEFINE_HEAD_SCALAR(head_f32_scalar, float, ID)
+DEFINE_HEAD_SCALAR(head_bf16_scalar, uint16_t, bf16_to_f32)
+DEFINE_HEAD_SCALAR(head_fp8_scalar, uint8_t, fp8_to_f32)
+DEFINE_HEAD_SCALAR(head_i8_scalar, int8_t, i8_to_f32)
+
+#ifdef __AVX512F__
+/* e^x for x <= 0 (scores minus their running max), to within ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2,
+ * e^r by its Taylor series to r^7, times 2^n. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  /* e^-104 is 0 in float32; keeps -inf out of r */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  /* ln2 in two parts: exact n ln2_hi */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The next block's rows are fetched while this block's are used: blocks lie anywhere in the pool, so
+ * the hardware prefetcher cannot guess them, and a batch's keys and values come from memory. */
+static inline void prefetch_row(const void* p, int bytes) {
+    for (int b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
+}
+
+/* 16 cache elements at p, widened to float32. */
+static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 load16_fp8(const uint8_t* p) {
+    return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)), fp8_table, 4);
+}
+static inline __m512 load16_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+/* AVX-512 path, D a multiple of 16: a key or value row is widened once into nd = D / 16 registers and
+ * used for all g query heads; the softmax of a block of scores runs 16 lanes at a time. */
+#define DEFINE_HEAD_AVX512(NAME, CT, LOAD16)                                                             \
+static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {                                      \
+    const int nd = D / 16, gt = g * hn;                                                              \
+    __m512 acc[MAX_G][MAX_D / 16], row[MAX_D / 16];                                                      \
+    float m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS] __attribute__((aligned(64)));                             \
+    for (int i = 0; i < gt; i++) {                                                                   \
+        for (int c = 0; c < nd; c++) acc[i][c] = _mm512_setzero_ps();                                    \
+        m[i] = -INFINITY; l[i] = 0.f;                                                                    \
+    }                                                                                                    \
+    for (int64_t start = 0; start < n; start += BS) {                                                    \
+        const int64_t block = table[start / BS];                                                         \
+        const int cnt = (int)((n - start) < BS ? (n - start) : BS);                                      \
+        const int64_t next = start + BS < n ? table[start / BS + 1] : block;                             \
+        for (int j = 0; j < cnt; j++) {                                                                  \
+            prefetch_row(k_cache + ((next * BS + j) * Hk + h) * D, hn * D * (int)sizeof(CT));            \
+            for (int hh = 0; hh < hn; hh++) {                                                            \
+                const int64_t r = (block * BS + j) * Hk + h + hh;                                        \
+                const CT* kp = k_cache + r * D;                                                          \
+                for (int c = 0; c < nd; c++) row[c] = LOAD16(kp + 16 * c);                               \
+                const float ks = k_scale ? k_scale[r] : 1.f;                                             \
+                const int hidden = hidden_key(start + j, tree_start, tree_bits);                         \
+                for (int i = hh * g; i < (hh + 1) * g; i++) {                                            \
+                    __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qf[i]), row[0]);                          \
+                    for (int c = 1; c < nd; c++)                                                         \
+                        dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + 16 * c), row[c], dot);             \
+                    s[i][j] = hidden ? -INFINITY : _mm512_reduce_add_ps(dot) * ks;                       \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        for (int i = 0; i < gt; i++) {                                                               \
+            float mx = m[i];                                                                             \
+            for (int j = 0; j < cnt; j++) mx = s[i][j] > mx ? s[i][j] : mx;                              \
+            const float corr = expf(m[i] - mx);                                                          \
+            const __m512 vcorr = _mm512_set1_ps(corr), vmx = _mm512_set1_ps(mx);                         \
+            for (int c = 0; c < nd; c++) acc[i][c] = _mm512_mul_ps(acc[i][c], vcorr);                    \
+            __m512 sum = _mm512_setzero_ps();                                                            \
+            for (int j = 0; j < cnt; j += 16) {                                                          \
+                const __mmask16 k = cnt - j >= 16 ? 0xFFFF : (__mmask16)((1u << (cnt - j)) - 1);         \
+                const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s[i] + j), vmx));         \
+                _mm512_mask_storeu_ps(s[i] + j, k, e);                                                   \
+                sum = _mm512_mask_add_ps(sum, k, sum, e);                                                \
+            }                                                                                            \
+            l[i] = l[i] * corr + _mm512_reduce_add_ps(sum);                                              \
+            m[i] = mx;                                                                                   \
+        }                                                                                                \
+        for (int j = 0; j < cnt; j++) {                                                                  \
+            prefetch_row(v_cache + ((next * BS + j) * Hk + h) * D, hn * D * (int)sizeof(CT));            \
+            for (int hh = 0; hh < hn; hh++) {                                                            \
+                const int64_t r = (block * BS + j) * Hk + h + hh;                                        \
+                const CT* vp = v_cache + r * D;                                                          \
+                for (int c = 0; c < nd; c++) row[c] = LOAD16(vp + 16 * c);                               \
+                const float vs = v_scale ? v_scale[r] : 1.f;                                             \
+                for (int i = hh * g; i < (hh + 1) * g; i++) {                                            \
+                    const __m512 p = _mm512_set1_ps(s[i][j] * vs);                                       \
+                    for (int c = 0; c < nd; c++) acc[i][c] = _mm512_fmadd_ps(p, row[c], acc[i][c]);      \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int i = 0; i < gt; i++) {                                                                   \
+        const __m512 inv = _mm512_set1_ps(1.f / l[i]);                                                   \
+        for (int c = 0; c < nd; c++) _mm512_storeu_ps(out[i] + 16 * c, _mm512_mul_ps(acc[i][c], inv));  \
+    }                                                                                                    \
+}
+
+DEFINE_HEAD_AVX512(head_f32_avx512, float, load16_f32)
+DEFINE_HEAD_AVX512(head_bf16_avx512, uint16_t, load16_bf16)
+DEFINE_HEAD_AVX512(head_fp8_avx512, uint8_t, load16_fp8)
+DEFINE_HEAD_AVX512(head_i8_avx512, int8_t, load16_i8)
+#define VECTOR(D) (((D) & 15) == 0)
+#define HEAD(CTNAME) (VECTOR(D) ? head_##CTNAME##_avx512 : head_##CTNAME##_scalar)
+#else
+#define VECTOR(D) 0
+#define HEAD(CTNAME) head_##CTNAME##_scalar
+#endif
+
+/* Kv heads per task: all of a request's (a cache slot holds every head's key in one contiguous row, so
+ * this reads each row once, in order) when there are requests enough to keep the threads busy; else
+ * one, so that a single long request still spreads over the threads. */
+static int heads_per_task(int B, int Hk, int g, int vector) {
+#ifdef _OPENMP
+    const int threads = omp_get_max_threads();
+#else
+    const int threads = 1;
+#endif
+    if (!vector || B < 2 * threads) return 1;
+    int hn = Hk;
+    while (hn > 1 && (hn * g > MAX_G || Hk % hn)) hn--;
+    return hn;
+}
 
 /* QT: query/output element type; CT: cache element type. */
-#define DEFINE_KERNEL(NAME, QT, QLOAD, QSTORE, CT, CLOAD)                                                \
+#define DEFINE_KERNEL(NAME, QT, QLOAD, QSTORE, CT, CTNAME)                                               \
 void NAME(const QT* q, const CT* k_cache, const CT* v_cache, const int64_t* tables, const int64_t* ctx_lens, \
           QT* out, int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale,                   \
-          const float* k_scale, const float* v_scale) {                                                  \
-    const int g = Hq / Hk;                                                                               \
+          const float* k_scale, const float* v_scale, const int64_t* tree_start, const int64_t* tree_bits) { \
+    const int g = Hq / Hk, hn = heads_per_task(B, Hk, g, VECTOR(D)), gt = g * hn;                        \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                         \
     for (int b = 0; b < B; b++) {                                                                        \
-        for (int h = 0; h < Hk; h++) {                                                                   \
-            float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D], m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS];             \
-            float kf[MAX_D], vf[MAX_D];                                                                  \
-            for (int i = 0; i < g; i++) {                                                                \
-                const QT* qp = q + ((int64_t)b * Hq + h * g + i) * D;                                    \
-                for (int d = 0; d < D; d++) { qf[i][d] = QLOAD(qp[d]) * scale; acc[i][d] = 0.f; }       \
-                m[i] = -INFINITY; l[i] = 0.f;                                                            \
-            }                                                                                            \
-            const int64_t n = ctx_lens[b];                                                               \
-            for (int64_t start = 0; start < n; start += BS) {                                            \
-                const int64_t block = tables[(int64_t)b * max_blocks + start / BS];                      \
-                const int cnt = (int)((n - start) < BS ? (n - start) : BS);                              \
-                for (int j = 0; j < cnt; j++) {                                                          \
-                    const int64_t row = (block * BS + j) * Hk + h;                                       \
-                    const CT* kp = k_cache + row * D;                                                    \
-                    for (int d = 0; d < D; d++) kf[d] = CLOAD(kp[d]);                                    \
-                    const float ks = k_scale ? k_scale[row] : 1.f;                                       \
-                    for (int i = 0; i < g; i++) s[i][j] = dot16(qf[i], kf, D) * ks;                      \
-                }                                                                                        \
-                for (int i = 0; i < g; i++) {                                                            \
-                    float mx = m[i];                                                                     \
-                    for (int j = 0; j < cnt; j++) mx = s[i][j] > mx ? s[i][j] : mx;                      \
-                    const float corr = expf(m[i] - mx);                                                  \
-                    l[i] *= corr;                                                                        \
-                    for (int d = 0; d < D; d++) acc[i][d] *= corr;                                       \
-                    for (int j = 0; j < cnt; j++) { s[i][j] = expf(s[i][j] - mx); l[i] += s[i][j]; }     \
-                    m[i] = mx;                                                                           \
-                }                                                                                        \
-                for (int j = 0; j < cnt; j++) {                                                          \
-                    const int64_t row = (block * BS + j) * Hk + h;                                       \
-                    const CT* vp = v_cache + row * D;                                                    \
-                    for (int d = 0; d < D; d++) vf[d] = CLOAD(vp[d]);                                    \
-                    const float vs = v_scale ? v_scale[row] : 1.f;                                       \
-                    for (int i = 0; i < g; i++) {                                                        \
-                        const float p = s[i][j] * vs;                                                    \
-                        for (int d = 0; d < D; d++) acc[i][d] += p * vf[d];                              \
-                    }                                                                                    \
-                }                                                                                        \
-            }                                                                                            \
-            for (int i = 0; i < g; i++) {                                                                \
-                QT* op = out + ((int64_t)b * Hq + h * g + i) * D;                                        \
-                const float inv = 1.f / l[i];                                                            \
-                for (int d = 0; d < D; d++) op[d] = QSTORE(acc[i][d] * inv);                             \
-            }                                                                                            \
+        for (int h = 0; h < Hk; h += hn) {                                                               \
+            float qf[MAX_G][MAX_D] __attribute__((aligned(64))), o[MAX_G][MAX_D] __attribute__((aligned(64))); \
+            const QT* qp = q + ((int64_t)b * Hq + h * g) * D;                                            \
+            for (int i = 0; i < gt; i++)                                                                 \
+                for (int d = 0; d < D; d++) qf[i][d] = QLOAD(qp[i * D + d]) * scale;                     \
+            HEAD(CTNAME)(k_cache, v_cache, (const float (*)[MAX_D])qf, tables + (int64_t)b * max_blocks, \
+                         ctx_lens[b], h, hn, g, Hk, D, BS, k_scale, v_scale,                             \
+                         tree_start ? tree_start[b] : ctx_lens[b], tree_start ? (uint64_t)tree_bits[b] : 0, o); \
+            QT* op = out + ((int64_t)b * Hq + h * g) * D;                                                \
+            for (int i = 0; i < gt; i++)                                                                 \
+                for (int d = 0; d < D; d++) op[i * D + d] = QSTORE(o[i][d]);                             \
         }                                                                                                \
     }                                                                                                    \
 }
 
 /* name: paged_decode_<query dtype>_<cache dtype> */
-DEFINE_KERNEL(paged_decode_f32_f32, float, ID, ID, float, ID)
-DEFINE_KERNEL(paged_decode_f32_bf16, float, ID, ID, uint16_t, bf16_to_f32)
-DEFINE_KERNEL(paged_decode_f32_fp8, float, ID, ID, uint8_t, fp8_to_f32)
-DEFINE_KERNEL(paged_decode_f32_i8, float, ID, ID, int8_t, i8_to_f32)
-DEFINE_KERNEL(paged_decode_bf16_f32, uint16_t, bf16_to_f32, f32_to_bf16, float, ID)
-DEFINE_KERNEL(paged_decode_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16_to_f32)
-DEFINE_KERNEL(paged_decode_bf16_fp8, uint16_t, bf16_to_f32, f32_to_bf16, uint8_t, fp8_to_f32)
-DEFINE_KERNEL(paged_decode_bf16_i8, uint16_t, bf16_to_f32, f32_to_bf16, int8_t, i8_to_f32)
+DEFINE_KERNEL(paged_decode_f32_f32, float, ID, ID, float, f32)
+DEFINE_KERNEL(paged_decode_f32_bf16, float, ID, ID, uint16_t, bf16)
+DEFINE_KERNEL(paged_decode_f32_fp8, float, ID, ID, uint8_t, fp8)
+DEFINE_KERNEL(paged_decode_f32_i8, float, ID, ID, int8_t, i8)
+DEFINE_KERNEL(paged_decode_bf16_f32, uint16_t, bf16_to_f32, f32_to_bf16, float, f32)
+DEFINE_KERNEL(paged_decode_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16)
+DEFINE_KERNEL(paged_decode_bf16_fp8, uint16_t, bf16_to_f32, f32_to_bf16, uint8_t, fp8)
+DEFINE_KERNEL(paged_decode_bf16_i8, uint16_t, bf16_to_f32, f32_to_bf16, int8_t, i8)
 
 int kvflow_kernel_limits(int* max_g, int* max_d, int* max_bs) {
     *max_g = MAX_G; *max_d = MAX_D; *max_bs = MAX_BS;
