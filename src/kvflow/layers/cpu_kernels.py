@@ -65,6 +65,7 @@ def _build() -> ctypes.CDLL | None:
     lib.fused_decode_step.argtypes, lib.fused_decode_step.restype = [p, p], i  # csrc/fused_decode.c
     lib.fused_linear.argtypes, lib.fused_linear.restype = [p, p, i, p], i
     lib.fused_use_amx.argtypes, lib.fused_use_amx.restype = [i], i
+    lib.lse_argmax_f32.argtypes, lib.lse_argmax_f32.restype = [p, i, i, p, p], i
     return lib
 
 
@@ -152,6 +153,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, I2 // 2, dtype=gate_up.dtype)
     getattr(_lib, f"silu_mul_{_FUSED[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(), T, I2 // 2)
     return out
+
+
+def lse_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's log-sum-exp and first argmax (float32 [S, V] logits on the CPU), or None when the
+    kernels are off or a row holds NaN."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2 or kernels() is None:
+        return None
+    logits = logits.contiguous()
+    lse, argmax = torch.empty(logits.shape[0]), torch.empty(logits.shape[0], dtype=torch.long)
+    if _lib.lse_argmax_f32(logits.data_ptr(), logits.shape[0], logits.shape[1], lse.data_ptr(), argmax.data_ptr()):
+        return None
+    return lse, argmax
 
 
 def rotary_(rows: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:

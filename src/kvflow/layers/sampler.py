@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvflow.layers import cpu_kernels
 from kvflow.sampling_params import SamplingParams
 
 
@@ -46,17 +47,24 @@ def sample(logits: torch.Tensor, requests: list[SamplingRow],
            bitmask: tuple[torch.Tensor, list[int]] | None = None) -> SamplerOutput:
     """logits: [S, V] float32, one SamplingRow each. bitmask: (packed allowed-token bits
     [S, ceil(V / 32)] int32, the rows to apply them to), or None."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logits = _apply_penalties_and_bias(logits, requests)
     params = [r.params for r in requests]
-    chosen = argmax_rows(logits)
+    raw = logits
+    # Without logprobs asked, only the chosen tokens' log-probabilities are needed: logit - logsumexp
+    # (one C pass per row, which also finds the argmax) instead of a [S, V] log_softmax.
+    stats = None if any(p.logprobs is not None for p in params) else cpu_kernels.lse_argmax(logits)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if stats is None else None
+    logits = _apply_penalties_and_bias(logits, requests)
+    chosen = stats[1].clone() if stats is not None and logits is raw else argmax_rows(logits)
     if bitmask is not None:
         logits, chosen = _constrain(logits, chosen, params, *bitmask)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]  # decided on the host: no device sync
     if random_rows:
         rows = torch.tensor(random_rows, device=logits.device)
         chosen[rows] = _random_sample(logits[rows], [requests[i] for i in random_rows])
-    chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+    if stats is None:
+        chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+    else:
+        chosen_lp = raw.gather(1, chosen[:, None]).squeeze(1) - stats[0]
     # One copy back to the host for the whole batch: ids and their logprobs side by side (float64
     # holds any vocabulary id exactly).
     token_ids, logprobs = torch.stack([chosen.double(), chosen_lp.double()]).cpu().tolist()

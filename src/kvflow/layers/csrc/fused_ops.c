@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "exp512.h"
 
 #define PAR_ROWS 16 /* below this many rows, one thread */
 
@@ -100,3 +101,46 @@ DEFINE_SILU_MUL(silu_mul_f32, float, ID, ID, ID)
 DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
 DEFINE_ROTARY(rotary_f32, float, ID, ID)
 DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* ---------------- the sampler's row statistics ----------------
+ * Per row of float32 logits [rows, V]: its log-sum-exp and the index of its first maximum, what
+ * torch's logsumexp and max(dim) give: a greedy step needs only the chosen token's log-probability
+ * (logit - lse), not a [rows, V] log_softmax. Returns 1 when a row holds NaN (the caller then takes
+ * torch's path, which has rules for it), else 0. */
+static int row_stats(const float* r, int V, float* lse, int64_t* argmax) {
+    float mx = -INFINITY;
+    int k = 0, bad = 0;
+#ifdef __AVX512F__
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    for (; k + 16 <= V; k += 16) {
+        const __m512 v = _mm512_loadu_ps(r + k);
+        bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
+        vmx = _mm512_max_ps(vmx, v);
+    }
+    mx = _mm512_reduce_max_ps(vmx);
+#endif
+    for (; k < V; k++) { bad |= r[k] != r[k]; mx = r[k] > mx ? r[k] : mx; }
+    if (bad) return 1;
+    int at = 0;  /* the first index holding the maximum (all -inf: index 0, as torch) */
+    while (at < V && r[at] != mx) at++;
+    *argmax = at < V ? at : 0;
+    if (mx == -INFINITY) { *lse = -INFINITY; return 0; }
+    float sum = 0.f;
+    k = 0;
+#ifdef __AVX512F__
+    __m512 vsum = _mm512_setzero_ps();
+    const __m512 vm = _mm512_set1_ps(mx);
+    for (; k + 16 <= V; k += 16) vsum = _mm512_add_ps(vsum, exp512(_mm512_sub_ps(_mm512_loadu_ps(r + k), vm)));
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; k < V; k++) sum += exp_vec(r[k] - mx);
+    *lse = mx + logf(sum);
+    return 0;
+}
+
+int lse_argmax_f32(const float* x, int rows, int V, float* lse, int64_t* argmax) {
+    int nan = 0;
+    #pragma omp parallel for schedule(static) if(rows >= 4) reduction(|:nan)
+    for (int t = 0; t < rows; t++) nan |= row_stats(x + (int64_t)t * V, V, lse + t, argmax + t);
+    return nan;
+}
