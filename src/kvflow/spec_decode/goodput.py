@@ -16,6 +16,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from kvflow.model.fused_decode import MAX_ROWS as FUSED_MAX_ROWS
+
 
 @dataclass
 class StepShape:
@@ -26,7 +28,9 @@ class StepShape:
     attn_pairs: int = 0  # query x key pairs, with the chunk group's padding (compute-bound attention)
 
 
-KNOTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# Knots at the powers of two, and on both sides of the C step's row limit (model/fused_decode.py): a
+# step of one token more than it takes runs layer by layer, at a cost well above the line through them.
+KNOTS = tuple(sorted({1 << i for i in range(15)} | {FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1}))
 
 
 @dataclass
@@ -59,13 +63,15 @@ class StepTimeModel:
         the rest is f at the measured token counts (interpolated and extrapolated between)."""
         def find(pred):
             return [(s, t) for s, t in samples if pred(s)]
-        small = {s.tokens: (s, t) for s, t in samples if s.rows == s.tokens and s.kv_reads <= 64}
-        by_rows = [(s, t) for s, t in samples if s.rows == 1 and s.tokens > 1 and s.kv_reads <= 64]
+        def short(s: StepShape) -> bool:  # at most 64 keys before the step's own tokens
+            return s.kv_reads - s.tokens <= 64
+        small = {s.tokens: (s, t) for s, t in samples if s.rows == s.tokens and short(s)}
+        by_rows = [(s, t) for s, t in samples if s.rows == 1 and s.tokens > 1 and short(s)]
         if by_rows and by_rows[0][0].tokens in small:
             s1, t1 = by_rows[0]
             s0, t0 = small[s1.tokens]
             self.per_row = max(0.0, (t0 - t1) / (s0.rows - s1.rows))
-        long = find(lambda s: s.kv_reads > 64)
+        long = find(lambda s: not short(s))
         deltas = []  # (d_kv, d_pairs, d_t) against the short-context shape with the same tokens
         for s, t in long:
             if s.tokens in small:

@@ -12,6 +12,7 @@ import torch
 
 from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request
+from kvflow.model.fused_decode import MAX_ROWS as FUSED_MAX_ROWS
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.goodput import StepLayout, StepShape
 from kvflow.worker.model_runner import ModelRunner, build_batch
@@ -20,8 +21,12 @@ SHORT, LONG = 16, 512
 # (tokens, context before them, sampled rows): the token curve at a short context, the cost of a
 # sampled row, and the cost of context for one token (decode kernel) and for a chunk.
 # The curve bends most at a few tokens (one token runs the decode kernel, two or more the chunk path).
+# The C step (model/fused_decode.py) takes up to FUSED_MAX_ROWS tokens: both sides of that edge are
+# timed, and a step twice as long gives the slope past it.
+EDGE = FUSED_MAX_ROWS
 SHAPES = ((1, SHORT, 1), (2, SHORT, 2), (4, SHORT, 4), (8, SHORT, 8), (16, SHORT, 16), (32, SHORT, 32),
-          (96, SHORT, 96), (32, SHORT, 1), (1, LONG, 1), (32, LONG, 32))
+          (64, SHORT, 64), (EDGE, SHORT, EDGE), (EDGE + 1, SHORT, EDGE + 1), (2 * EDGE, SHORT, 2 * EDGE),
+          (32, SHORT, 1), (1, LONG, 1), (32, LONG, 32))
 
 
 def shape_of(tokens: int, start: int, rows: int) -> StepShape:
