@@ -361,9 +361,10 @@ static void linear_bf16(const QLinear* L, const float* x, int M, uint16_t* xb, f
     }
 }
 
-/* y [M, N] = x @ (q * scale).T for int8 weights with float32 activations (W8A16: the LM head, whose
- * activations are not rounded to int8, see layers/quantized_linear.py): weights widened to float32 in
- * registers. */
+/* y [M, N] = x @ (q * scale).T for int8 weights with bfloat16 activations (W8A16: the LM head, whose
+ * activations are not rounded to int8, see layers/quantized_linear.py; rounded to bfloat16 as the
+ * torch path and the AMX tiles round them, so that a step's logits do not depend on its row count):
+ * weights widened to float32 in registers, the rounded activations kept in float32 (xr, M x K). */
 #ifdef __AVX512F__
 ALWAYS_INLINE void tile_i8_f32(const float* x, const int8_t* w, int K, int R, int prefetch, float (*d)[4]) {
     __m512 acc[TILE][4];
@@ -387,9 +388,11 @@ ALWAYS_INLINE void tile_i8_f32(const float* x, const int8_t* w, int K, int R, in
 #define I8_F32_TILE_K 0
 #endif
 
-static void linear_int8_a16(const QLinear* L, const float* x, int M, float* y) {
+static void linear_int8_a16(const QLinear* L, const float* x, int M, float* xr_all, float* y) {
     const int N = L->N, K = L->K;
     const int8_t* W = (const int8_t*)L->q;
+    for (int64_t i = 0; i < (int64_t)M * K; i++) xr_all[i] = round_bf16(x[i]);
+    x = xr_all;
     FOR_TILES(N, M) {
         const float* xr = x + (int64_t)m0 * K;
         const int8_t* w = W + (int64_t)n0 * K;
@@ -562,7 +565,7 @@ static void linear(const QLinear* L, const float* x, int M, uint8_t* xu, float* 
     if (L->kind == LINEAR_INT8) linear_int8(L, x, M, xu, xa, y);
     else if (L->kind == LINEAR_INT4) linear_int4(L, x, M, (int8_t*)xu, xa, y);
     else if (L->kind == LINEAR_BF16) linear_bf16(L, x, M, (uint16_t*)xu, y);
-    else linear_int8_a16(L, x, M, y);
+    else linear_int8_a16(L, x, M, xa, y);
 }
 
 /* Bytes of xu scratch for M rows of at most max_k inputs. */
