@@ -524,7 +524,8 @@ static void linear_amx(const QLinear* L, int M, const uint8_t* xt, const float* 
                             if (int8) v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c.i + at),
                                                                               _mm512_set1_epi32(128 * L->qsum[n])));
                             else v = _mm512_load_ps(c.f + at);
-                            v = _mm512_mul_ps(v, _mm512_mul_ps(row_scale, _mm512_set1_ps(int8 || widen ? L->scale[n] : 1.f)));
+                            const float col_scale = int8 || widen ? L->scale[n] : 1.f;  /* in the plain path's order */
+                            v = _mm512_mul_ps(_mm512_mul_ps(v, row_scale), _mm512_set1_ps(col_scale));
                             v = _mm512_add_ps(v, _mm512_set1_ps(L->bias ? L->bias[n] : 0.f));
                             _mm512_i32scatter_ps(T + 16 * h + r, column, v, 4);
                         }

@@ -139,10 +139,10 @@ static inline __m512 load16_i8(const int8_t* p) {
  * used for all g query heads; the softmax of a block of scores runs 16 lanes at a time. */
 #define DEFINE_HEAD_AVX512(NAME, CT, LOAD16)                                                             \
 static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {                                      \
-    const int nd = D / 16, gt = g * hn;                                                              \
+    const int nd = D / 16, gt = g * hn;                                                                  \
     __m512 acc[MAX_G][MAX_D / 16], row[MAX_D / 16];                                                      \
     float m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS] __attribute__((aligned(64)));                             \
-    for (int i = 0; i < gt; i++) {                                                                   \
+    for (int i = 0; i < gt; i++) {                                                                       \
         for (int c = 0; c < nd; c++) acc[i][c] = _mm512_setzero_ps();                                    \
         m[i] = -INFINITY; l[i] = 0.f;                                                                    \
     }                                                                                                    \
@@ -166,7 +166,7 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
                 }                                                                                        \
             }                                                                                            \
         }                                                                                                \
-        for (int i = 0; i < gt; i++) {                                                               \
+        for (int i = 0; i < gt; i++) {                                                                   \
             float mx = m[i];                                                                             \
             for (int j = 0; j < cnt; j++) mx = s[i][j] > mx ? s[i][j] : mx;                              \
             const float corr = expf(m[i] - mx);                                                          \
@@ -196,9 +196,9 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
             }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
-    for (int i = 0; i < gt; i++) {                                                                   \
+    for (int i = 0; i < gt; i++) {                                                                       \
         const __m512 inv = _mm512_set1_ps(1.f / l[i]);                                                   \
-        for (int c = 0; c < nd; c++) _mm512_storeu_ps(out[i] + 16 * c, _mm512_mul_ps(acc[i][c], inv));  \
+        for (int c = 0; c < nd; c++) _mm512_storeu_ps(out[i] + 16 * c, _mm512_mul_ps(acc[i][c], inv));   \
     }                                                                                                    \
 }
 
@@ -231,7 +231,7 @@ static int heads_per_task(int B, int Hk, int g, int vector) {
 /* QT: query/output element type; CT: cache element type. */
 #define DEFINE_KERNEL(NAME, QT, QLOAD, QSTORE, CT, CTNAME)                                               \
 void NAME(const QT* q, const CT* k_cache, const CT* v_cache, const int64_t* tables, const int64_t* ctx_lens, \
-          QT* out, int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale,                   \
+          QT* out, int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale,                    \
           const float* k_scale, const float* v_scale, const int64_t* tree_start, const int64_t* tree_bits) { \
     const int g = Hq / Hk, hn = heads_per_task(B, Hk, g, VECTOR(D)), gt = g * hn;                        \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                         \
