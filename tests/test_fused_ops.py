@@ -62,11 +62,15 @@ def test_rotary_kernel_in_place(kernels_on, dtype):
     assert torch.equal(qkv[:, (Hq + Hk) * D:], v_before)  # v untouched
 
 
-def test_choice_is_measured_once_per_shape_class(monkeypatch):
+def test_choice_is_measured_once_per_shape_class_and_machine(monkeypatch, tmp_path):
+    """Measured once per class; kept on disk, so a later process on this machine does not time it
+    again; recalibrating drops it."""
     if cpu_kernels.kernels() is None:
         pytest.skip("no C kernels")
     monkeypatch.delenv("KVFLOW_FUSED_OPS", raising=False)
+    monkeypatch.setenv("KVFLOW_CACHE", str(tmp_path))
     monkeypatch.setattr(op_select, "_choice", {})
+    monkeypatch.setattr(op_select, "_saved", None)
     calls = []
 
     def make():
@@ -74,8 +78,13 @@ def test_choice_is_measured_once_per_shape_class(monkeypatch):
         return {"c": lambda: None, "torch": lambda: sum(range(2000))}
     assert op_select.choose(("t", 1), make) == "c"
     assert op_select.choose(("t", 1), make) == "c" and len(calls) == 1
+    monkeypatch.setattr(op_select, "_choice", {})  # a new process
+    monkeypatch.setattr(op_select, "_saved", None)
+    assert op_select.choose(("t", 1), make) == "c" and len(calls) == 1
+    op_select.forget_saved()
+    assert op_select.choose(("t", 1), make) == "c" and len(calls) == 2
     monkeypatch.setenv("KVFLOW_FUSED_OPS", "torch")
-    assert op_select.choose(("t", 2), make) == "torch" and len(calls) == 1
+    assert op_select.choose(("t", 2), make) == "torch" and len(calls) == 2
     assert [op_select.rows_class(n) for n in (1, 2, 3, 33, 64, 65)] == [1, 2, 4, 64, 64, 128]
 
 

@@ -1,20 +1,28 @@
 """Pick, by timing on this machine, between two implementations of an op: the plain-torch one and a
 C kernel (csrc/). The lead's rule is that no path may be slower than plain torch on the CPU it runs
 on, and which one wins depends on the CPU and on the number of rows. So the first call of an op
-for a (dtype, shape) class times both on inputs of that shape (a few milliseconds, once per
-process) and every later call takes the faster one.
+for a (dtype, shape) class times both on inputs of that shape and every later call takes the faster
+one. The choices are kept on disk next to the linear kernels' (layers/kernel_choice.py: per CPU
+model, thread count and torch version; `recalibrate` drops them), so that only the first process on
+a machine pays the timing: for a whole C step of 64-128 tokens it is a second or more, which a
+request would otherwise wait through.
 
 KVFLOW_FUSED_OPS=torch | c forces one side (tests and A/B benchmarks); the default is "measure".
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Callable
+
+from kvflow.layers import kernel_choice
 
 logger = logging.getLogger(__name__)
 _choice: dict[tuple, str] = {}
+_saved: dict[str, str] | None = None  # this machine's earlier choices, by repr(key); loaded on first use
 
 
 def mode() -> str:
@@ -34,8 +42,10 @@ def choose(key: tuple, make_candidates: Callable[[], dict[str, Callable[[], obje
     forced = mode()
     if forced in names:
         return forced
-    choice = _choice.get(key)
-    if choice is None:
+    choice = _choice.get(key) or _saved_choices().get(repr(key))
+    if choice in names:
+        _choice[key] = choice
+    else:
         best = {}
         for name, fn in make_candidates().items():
             fn()
@@ -47,7 +57,47 @@ def choose(key: tuple, make_candidates: Callable[[], dict[str, Callable[[], obje
             best[name] = min(times)
         choice = _choice[key] = min(best, key=best.get)
         logger.debug("op %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f} us" for k, v in best.items()})
+        _save(repr(key), choice)
     return choice
+
+
+def forget_saved() -> None:
+    """Time every op again (recalibrate): drop this machine's saved choices and this process's."""
+    global _saved
+    _choice.clear()
+    _saved = {}
+    _path().unlink(missing_ok=True)
+
+
+def _path() -> Path:
+    path = kernel_choice.cache_path()
+    return path.with_name(path.name.replace("linear-", "ops-"))
+
+
+def _saved_choices() -> dict[str, str]:
+    global _saved
+    if _saved is None:
+        try:
+            _saved = json.loads(_path().read_text())
+        except (OSError, ValueError):
+            _saved = {}
+    return _saved
+
+
+def _save(key: str, choice: str) -> None:
+    """Add one choice to the file (re-read first: other processes on this machine add theirs)."""
+    global _saved
+    _saved = None  # re-read
+    saved = _saved_choices()
+    saved[key] = choice
+    path = _path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache: the choice still holds for this process
+        logger.debug("op choices not saved: %s", e)
 
 
 def decisions() -> dict[tuple, str]:

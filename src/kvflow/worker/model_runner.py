@@ -19,7 +19,7 @@ from kvflow.core.request import Request
 from kvflow.core.scheduler import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from kvflow.core.spec_tree import ancestors, depths, path_tokens
 from kvflow.errors import ConfigError
-from kvflow.layers import kernel_choice, kv_quant
+from kvflow.layers import kernel_choice, kv_quant, op_select
 from kvflow.layers.attention import AttentionGroup, AttentionMetadata, resolve_backend
 from kvflow.layers.kv_quant import LayerKVCache
 from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
@@ -161,6 +161,8 @@ class ModelRunner:
         loaded = load_model(model or config.model, self.dtype, config.device,
                             max_positions=config.scheduler.max_model_len, load_format=config.load_format, **extra)
         kernel_choice.calibrate(loaded.model, recalibrate=config.recalibrate)
+        if config.recalibrate:
+            op_select.forget_saved()
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer, self.eos_token_ids, self.model_path = loaded.tokenizer, loaded.eos_token_ids, loaded.path
