@@ -114,7 +114,8 @@ class EngineConfig:
     quantization: str | None = _opt(None, "weights kept quantized in memory: int8 (per channel; W8A8 / W8A16), "
                                           "int4 (group-wise), auto (the GGUF file's own type), none",
                                     type=str, choices=list(QUANTIZATION_CHOICES))
-    recalibrate: bool = _opt(False, "time the linear kernels and fused C ops again instead of reading the cached choices")
+    recalibrate: bool = _opt(False, "time the linear kernels and fused C ops again instead of reading the "
+                                    "cached choices")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: object = _opt(None, 'speculative decoding as JSON, e.g. \'{"method": "ngram", '
