@@ -28,6 +28,13 @@ def cpu_model_name() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_id() -> str:
+    """Family and model numbers: VMs often show a generic model name ("Intel(R) Xeon(R) Processor")
+    for CPUs of different generations, whose kernels and timings differ."""
+    info = _cpuinfo()
+    return f"{info.get('cpu family', '?')}/{info.get('model', '?')}"
+
+
 def cpu_flags() -> frozenset[str]:
     return frozenset(_cpuinfo().get("flags", "").split())
 

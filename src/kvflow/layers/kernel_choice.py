@@ -65,8 +65,9 @@ def _forced_choices() -> dict[str, str]:
 
 
 def cache_key() -> dict:
-    from kvflow.cpu_info import cpu_model_name
-    return {"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    from kvflow.cpu_info import cpu_id, cpu_model_name
+    return {"cpu": cpu_model_name(), "cpu_id": cpu_id(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
 
 
 def cache_path() -> Path:
