@@ -4,8 +4,8 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-/* e^x for x <= 0 (scores minus their running max), to within ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2,
- * e^r by its Taylor series to r^7, times 2^n. */
+/* e^x for x <= 88 (softmax scores minus their running max; -x for SiLU, clamped), to within ~2 ulp:
+ * x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^7, times 2^n. */
 static inline __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  /* e^-104 is 0 in float32; keeps -inf out of r */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),

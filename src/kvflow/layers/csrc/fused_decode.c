@@ -184,11 +184,10 @@ ALWAYS_INLINE void tile_u8s8(const uint8_t* x, const int8_t* w, int K, int R, in
 #define INT8_TILE_K 1
 #endif
 
-/* y [M, N] = dequant(quant(x) @ q.T) (+ bias). */
-static void linear_int8(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
+/* y [M, N] = dequant(quant(x) @ q.T) (+ bias); xu, xa: the rows of x as quantize_rows leaves them. */
+static void linear_int8(const QLinear* L, const uint8_t* xu, const float* xa, int M, float* y) {
     const int N = L->N, K = L->K;
     const int8_t* W = (const int8_t*)L->q;
-    quantize_rows(x, M, K, xu, xa);
     FOR_TILES(N, M) {
         const uint8_t* xr = xu + (int64_t)m0 * K;
         const int8_t* w = W + (int64_t)n0 * K;
@@ -342,10 +341,10 @@ static inline float dot_bf16(const uint16_t* x, const uint16_t* w, int K) {
     return s;
 }
 
-static void linear_bf16(const QLinear* L, const float* x, int M, uint16_t* xb, float* y) {
+/* xb: the input rows rounded to bfloat16. */
+static void linear_bf16(const QLinear* L, const uint16_t* xb, int M, float* y) {
     const int N = L->N, K = L->K;
     const uint16_t* W = (const uint16_t*)L->q;
-    for (int64_t i = 0; i < (int64_t)M * K; i++) xb[i] = f32_to_bf16(x[i]);
     FOR_TILES(N, M) {
         const uint16_t* xr = xb + (int64_t)m0 * K;
         const uint16_t* w = W + (int64_t)n0 * K;
@@ -547,25 +546,29 @@ static int amx_applies(const QLinear* L) {
 #else
 #define HAVE_AMX 0
 int fused_use_amx(int on) { (void)on; return 0; }
+static int amx_applies(const QLinear* L) { (void)L; return 0; }
 #endif
 
 /* xu / xa: scratch for the quantized activations: int8 bytes or bf16 (M x the largest K x 2 bytes) in xu,
  * then room for them packed as AMX tiles (the same, M rounded up to 16);
  * per-row scales (int8) or per-group scales and sums (int4: 2 x M x K / 32) in xa */
 static void linear(const QLinear* L, const float* x, int M, uint8_t* xu, float* xa, float* y) {
+    const int K = L->K, amx = amx_applies(L);
+    /* the input rows in the form both the tiles and the plain kernels multiply */
+    if (L->kind == LINEAR_INT8) quantize_rows(x, M, K, xu, xa);
+    else if (L->kind == LINEAR_BF16 || (amx && L->kind == LINEAR_INT8_A16))
+        for (int64_t i = 0; i < (int64_t)M * K; i++) ((uint16_t*)xu)[i] = f32_to_bf16(x[i]);
 #if HAVE_AMX
-    if (amx_applies(L)) {
-        uint8_t* xt = xu + (((int64_t)M * L->K * 2 + 63) / 64) * 64;
-        if (L->kind == LINEAR_INT8) quantize_rows(x, M, L->K, xu, xa);
-        else for (int64_t i = 0; i < (int64_t)M * L->K; i++) ((uint16_t*)xu)[i] = f32_to_bf16(x[i]);
-        pack_b_tiles(xu, M, L->kind == LINEAR_INT8 ? L->K : 2 * L->K, (uint32_t*)xt);
+    if (amx) {
+        uint8_t* xt = xu + (((int64_t)M * K * 2 + 63) / 64) * 64;
+        pack_b_tiles(xu, M, L->kind == LINEAR_INT8 ? K : 2 * K, (uint32_t*)xt);
         linear_amx(L, M, xt, xa, y);
         return;
     }
 #endif
-    if (L->kind == LINEAR_INT8) linear_int8(L, x, M, xu, xa, y);
+    if (L->kind == LINEAR_INT8) linear_int8(L, xu, xa, M, y);
     else if (L->kind == LINEAR_INT4) linear_int4(L, x, M, (int8_t*)xu, xa, y);
-    else if (L->kind == LINEAR_BF16) linear_bf16(L, x, M, (uint16_t*)xu, y);
+    else if (L->kind == LINEAR_BF16) linear_bf16(L, (const uint16_t*)xu, M, y);
     else linear_int8_a16(L, x, M, xa, y);
 }
 
