@@ -24,6 +24,10 @@ from engine_helpers import MODEL, MODEL_DIR, MODEL_FILE, assert_all_blocks_free
 # stalls every matmul, which makes these small-batch workloads several times slower. One thread
 # is both faster and steadier there. KVFLOW_TEST_THREADS overrides it.
 torch.set_num_threads(int(os.environ.get("KVFLOW_TEST_THREADS", "1")))
+# Tests time no fused op against torch (layers/op_select.py): the C side runs wherever it applies, and
+# an engine's start skips timing its C step per step size (seconds per model kind on a fresh machine).
+# Tests of the timing itself, or of the torch side, set KVFLOW_FUSED_OPS themselves.
+os.environ.setdefault("KVFLOW_FUSED_OPS", "c")
 
 DEFAULT_OPTIONS = dict(max_num_batched_tokens=512, max_num_seqs=64, block_size=16,
                        enable_prefix_caching=True, max_model_len=2048)

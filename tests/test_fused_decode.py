@@ -5,12 +5,14 @@ and draft trees, with the plain kernels and with AMX tiles where the CPU has the
 same greedy tokens either way; models it cannot run are left to the layer-by-layer path."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from engine_helpers import assert_all_blocks_free, save_tiny_model
 from kvflow import LLM, SamplingParams
-from kvflow.layers import cpu_kernels, kernel_choice
+from kvflow.layers import cpu_kernels, kernel_choice, op_select
 from kvflow.worker.model_runner import build_batch
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="no C compiler: the CPU kernels are off")
@@ -169,3 +171,26 @@ def test_not_taken_where_it_cannot_run(tiny_dirs):
     assert _engine(tiny_dirs["qwen3"]).engine.runner.model.fused_decode is None  # per-head q/k norms
     float_llm = LLM(model=tiny_dirs["llama"], dtype="float32", num_gpu_blocks=32)
     assert float_llm.engine.runner.model.fused_decode is None  # float32 keeps the exact layer-by-layer path
+
+
+def test_start_up_chooses_every_step_size_once(tiny_dirs, monkeypatch, tmp_path):
+    """The C-step-or-torch choice of every step size (1 to 128 tokens) is made while the engine starts,
+    not inside the first request of each size, and kept on disk: a second process on the machine (here:
+    the same one with its memory of choices dropped) starts without timing any step."""
+    monkeypatch.setenv("KVFLOW_CACHE", str(tmp_path))
+    monkeypatch.delenv("KVFLOW_FUSED_OPS", raising=False)
+    monkeypatch.setattr(op_select, "_choice", {})
+    monkeypatch.setattr(op_select, "_saved", None)
+    saved = []
+    real_save = op_select._save
+    monkeypatch.setattr(op_select, "_save", lambda key, choice: (saved.append(key), real_save(key, choice)))
+    runner = _engine(tiny_dirs["llama"]).engine.runner
+    fused, cache_dtype = runner.model.fused_decode, runner.kv_caches[0][0].dtype
+    assert all(fused.choices_known(1 << i, cache_dtype) for i in range(8))
+    steps = {k for k in saved if k.startswith("('fused_decode'")}
+    assert len(steps) == 8 and steps <= set(json.loads(op_select._path().read_text()))
+    saved.clear()
+    monkeypatch.setattr(op_select, "_choice", {})
+    monkeypatch.setattr(op_select, "_saved", None)
+    _engine(tiny_dirs["llama"])
+    assert not [k for k in saved if k.startswith("('fused")]

@@ -14,8 +14,8 @@ from kvflow.config import EngineConfig, resolve_auto_dtype
 from kvflow.errors import ConfigError
 from kvflow.layers import kernel_choice
 from kvflow.layers.linear import Linear
-from kvflow.layers.quantized_linear import (QuantizedEmbedding, QuantizedLinear, _unpack_int4, quantize_int4,
-                                            quantize_int8)
+from kvflow.layers.quantized_linear import (QuantizedEmbedding, QuantizedLinear, _unpack_int4,
+                                            quantize_activations, quantize_int4, quantize_int8)
 
 
 def _weight(n=128, k=96, seed=0):
@@ -53,6 +53,23 @@ def test_every_kernel_matches_the_dequantized_weight(kind, rows):
         assert got.dtype == x.dtype and got.shape == (rows, 128)
         err = (got - want).abs().max() / want.abs().max()
         assert err < 0.03, f"{kind} kernel {name}, {rows} rows: relative error {err:.4f}"
+
+
+def test_w8a8_activations_in_two_int8_terms():
+    """x ~ q1 a1 + q2 a2 per token, to within half of a2's step, a2 about a1 / 254: with an outlier
+    channel 50x the rest, W8A8 stays as close to the exact product as the weights allow (one int8 term
+    per token leaves the other channels a few levels: over 100x the error)."""
+    x = torch.randn(6, 96, generator=torch.Generator().manual_seed(3))
+    x[:, 5] *= 50
+    hi, a_hi, lo, a_lo = quantize_activations(x)
+    assert hi.dtype == lo.dtype == torch.int8 and int(hi.abs().max()) == 127
+    assert torch.all((x - (hi * a_hi + lo * a_lo)).abs() <= a_lo / 2 * 1.001)
+    assert torch.all(a_lo <= a_hi / 254 * 1.001)
+    qt = quantize_int8(_weight())
+    layer = QuantizedLinear(qt)
+    layer.set_kernel_plan(kernel_choice.KernelPlan.single(layer.kernel_methods(6)["w8a8"], "w8a8"))
+    want = x @ qt.dequantize().t()
+    assert float((layer(x) - want).abs().max() / want.abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

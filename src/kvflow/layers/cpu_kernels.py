@@ -30,19 +30,34 @@ _FUSED = {torch.float32: "f32", torch.bfloat16: "bf16"}  # csrc/fused_ops.c
 _DECODE_CACHE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8", torch.int8: "i8"}
 
 
+# -ffp-contract=off: a * b + c stays two roundings unless a kernel asks for a fused multiply-add, so the
+# AMX and plain int8 epilogues (and the C step and torch) round alike
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def source_digest() -> str:
+    """Names this build of the kernels (sources, headers, compiler, flags): the library's file, and the
+    timed choices between it and torch (layers/op_select.py), which a changed kernel invalidates."""
+    source = b"".join(p.read_bytes() for p in sorted(_CSRC.glob("*.[ch]")))
+    return hashlib.sha256(source + " ".join([str(_compiler()), *_FLAGS]).encode()).hexdigest()[:16]
+
+
 def _build() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         logger.info("no C compiler: paged decode attention runs in plain torch")
         return None
-    source = b"".join(p.read_bytes() for p in sorted(_CSRC.glob("*.[ch]")))  # headers change the build too
-    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    digest = source_digest()
     cache = cache_dir("kernels")
     target = cache / f"kvflow-kernels-{digest}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, _SOURCES), "-o", str(tmp), "-lm"]
+        cmd = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(tmp), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             logger.warning("building the CPU kernels failed, using plain torch: %s", result.stderr[-500:])

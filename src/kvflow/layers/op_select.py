@@ -3,9 +3,9 @@ C kernel (csrc/). The lead's rule is that no path may be slower than plain torch
 on, and which one wins depends on the CPU and on the number of rows. So the first call of an op
 for a (dtype, shape) class times both on inputs of that shape and every later call takes the faster
 one. The choices are kept on disk next to the linear kernels' (layers/kernel_choice.py: per CPU
-model, thread count and torch version; `recalibrate` drops them), so that only the first process on
-a machine pays the timing: for a whole C step of 64-128 tokens it is a second or more, which a
-request would otherwise wait through.
+model, thread count and torch version, and per build of the C kernels; `recalibrate` drops them), so
+that only the first process on a machine pays the timing (the C step's choices are made at start-up:
+worker/model_runner.py).
 
 KVFLOW_FUSED_OPS=torch | c forces one side (tests and A/B benchmarks); the default is "measure".
 """
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kvflow.layers import kernel_choice
+from kvflow.layers import cpu_kernels, kernel_choice
 
 logger = logging.getLogger(__name__)
 _choice: dict[tuple, str] = {}
@@ -61,6 +61,11 @@ def choose(key: tuple, make_candidates: Callable[[], dict[str, Callable[[], obje
     return choice
 
 
+def known(key: tuple) -> bool:
+    """Whether `key` needs no timing: a side is forced, or it was chosen here or saved earlier."""
+    return mode() != "measure" or key in _choice or repr(key) in _saved_choices()
+
+
 def forget_saved() -> None:
     """Time every op again (recalibrate): drop this machine's saved choices and this process's."""
     global _saved
@@ -70,8 +75,8 @@ def forget_saved() -> None:
 
 
 def _path() -> Path:
-    path = kernel_choice.cache_path()
-    return path.with_name(path.name.replace("linear-", "ops-"))
+    path = kernel_choice.cache_path()  # per CPU, thread count and torch; and per build of the C kernels
+    return path.with_name(path.name.replace("linear-", "ops-").replace(".json", f"-{cpu_kernels.source_digest()}.json"))
 
 
 def _saved_choices() -> dict[str, str]:

@@ -11,9 +11,10 @@ drafts, linear or trees (each token attends as its own row: `_attention_rows`; a
 ancestors only), on a model whose every layer's matmuls are int8 (W8A8-able), int4 or bfloat16 and
 that has no per-head q/k norm, with a float32, bfloat16 or int8 KV cache. Float32 models keep the layer-by-layer path
 (the one the greedy-equality tests hold exact). Whether it runs is measured like the other fused
-ops (layers/op_select.py): the first step of each size class times it against the layer-by-layer
-path on that step's own inputs (re-running a step rewrites the same KV slots, so timing it twice is
-harmless), and KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8
+ops (layers/op_select.py): a step of each size class is timed against the layer-by-layer path (on
+that step's own inputs: re-running a step rewrites the same KV slots, so timing it twice is
+harmless), at start-up on made-up tokens (ModelRunner._time_fused_steps) or else by the first real
+step of the class; KVFLOW_FUSED_OPS=c | torch forces a side. Its int8 numerics are the torch W8A8
 path's; int4 layers quantize their activations to int8 per group of 32 (as llama.cpp's Q4_1 x Q8_1
 does); bf16 ones are torch's bf16 matmul's; the residual stream stays in float32.
 """
@@ -136,8 +137,7 @@ class FusedDecodeStep:
                   meta: AttentionMetadata, num_layers: int | None, layer_by_layer) -> torch.Tensor | None:
         if not self.applies(input_ids, kv_caches, meta):
             return None
-        key = ("fused_decode", self.step.H, len(self.layers), kv_caches[0][0].dtype,
-               op_select.rows_class(input_ids.shape[0]))
+        key = self._step_key(input_ids.shape[0], kv_caches[0][0].dtype)
 
         def candidates():
             return {"c": lambda: self.run(input_ids, positions, kv_caches, meta, num_layers),
@@ -153,17 +153,30 @@ class FusedDecodeStep:
         if self.head is None or M > MAX_ROWS or hidden.device.type != "cpu":
             return None
         x = hidden.float().contiguous()
-        key = ("fused_head", self.head.N, self.head.K, self.head.kind, op_select.rows_class(M))
-        if op_select.choose(key, lambda: {"c": lambda: self.run_head(x), "torch": in_torch}, reps=2) != "c":
+        candidates = {"c": lambda: self.run_head(x), "torch": in_torch}
+        if op_select.choose(self._head_key(M), lambda: candidates, reps=2) != "c":
             return None
         return self.run_head(x)
+
+    def _step_key(self, rows: int, cache_dtype: torch.dtype) -> tuple:
+        return ("fused_decode", self.step.H, len(self.layers), self.layers[0].qkv.kind, cache_dtype,
+                op_select.rows_class(rows))
+
+    def _head_key(self, rows: int) -> tuple:
+        return "fused_head", self.head.N, self.head.K, self.head.kind, op_select.rows_class(rows)
+
+    def choices_known(self, rows: int, cache_dtype: torch.dtype) -> bool:
+        """Whether steps of `rows` tokens know which side runs them (and so, as the timing of the C side
+        makes it too, whether AMX tiles do)."""
+        return op_select.known(self._step_key(rows, cache_dtype)) and (
+            self.head is None or op_select.known(self._head_key(rows)))
 
     def run_head(self, x: torch.Tensor, amx: bool | None = None) -> torch.Tensor:
         """Float32 logits of x [M, H] (float32, contiguous). amx: use the AMX tiles; None: the measured choice."""
         M = x.shape[0]
         if amx is None:
-            amx = self._choose_amx(("fused_head_amx", self.head.N, self.head.K, op_select.rows_class(M)),
-                                   lambda a: self.run_head(x, a))
+            key = ("fused_head_amx", self.head.N, self.head.K, self.head.kind, op_select.rows_class(M))
+            amx = self._choose_amx(key, lambda a: self.run_head(x, a))
         logits = torch.empty(M, self.head.N)
         lib = cpu_kernels.kernels()
         lib.fused_use_amx(int(amx))
@@ -192,8 +205,8 @@ class FusedDecodeStep:
             num_layers: int | None, amx: bool | None = None) -> torch.Tensor:
         """The step's final hidden states. amx: use the AMX tiles; None: the measured choice."""
         if amx is None:
-            amx = self._choose_amx(("fused_step_amx", self.step.H, op_select.rows_class(input_ids.shape[0])),
-                                   lambda a: self.run(input_ids, positions, kv_caches, meta, num_layers, a))
+            key = ("fused_step_amx", self.step.H, self.layers[0].qkv.kind, op_select.rows_class(input_ids.shape[0]))
+            amx = self._choose_amx(key, lambda a: self.run(input_ids, positions, kv_caches, meta, num_layers, a))
         model = self.model
         self._set_caches(kv_caches)
         x = model.embed_tokens(input_ids).float().contiguous()

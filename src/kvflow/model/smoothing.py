@@ -19,6 +19,10 @@ The scales come from one forward pass over CALIBRATION_TEXT (built in, fixed) of
 with unsmoothed int8 weights and run W8A16, and are cached per model file under
 $KVFLOW_CACHE/smoothing; the weights are then quantized once more, from the file, with the scales
 applied (no double rounding). KVFLOW_INT8_SMOOTHING=0 turns it off.
+
+Since then the activations are two int8 terms per token (layers/quantized_linear.py), which leaves
+mostly the weights' rounding; smoothing still helps (all layers W8A8, 8,192 ShareGPT tokens: +0.34%
+perplexity with it, +0.54% without).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from kvflow.core.request import Request
 from kvflow.model.fused_decode import MAX_ROWS as FUSED_MAX_ROWS
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.goodput import StepLayout, StepShape
-from kvflow.worker.model_runner import ModelRunner, build_batch
+from kvflow.worker.model_runner import ModelRunner
 
 SHORT, LONG = 16, 512
 # (tokens, context before them, sampled rows): the token curve at a short context, the cost of a
@@ -62,10 +62,7 @@ def time_shapes(runner: ModelRunner, pool: BlockPool, repeats: int = 2) -> list[
 
 
 def _run(runner: ModelRunner, block_ids: list[int], n: int, start: int, rows: int) -> float:
-    tokens = [(7 * i + 11) % runner.model_config.vocab_size for i in range(n)]
     started = time.perf_counter()
-    batch = build_batch([(tokens, start, block_ids)], runner.block_size, runner.device)
-    hidden = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
-    logits = runner.model.compute_logits(hidden[-rows:])
+    logits = runner.synthetic_step(block_ids, n, start, rows)
     torch.log_softmax(logits, dim=-1).argmax(dim=-1).tolist()
     return time.perf_counter() - started

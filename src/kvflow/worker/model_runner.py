@@ -23,6 +23,7 @@ from kvflow.layers import kernel_choice, kv_quant, op_select
 from kvflow.layers.attention import AttentionGroup, AttentionMetadata, resolve_backend
 from kvflow.layers.kv_quant import LayerKVCache
 from kvflow.layers.sampler import SamplerOutput, SamplingRow, sample
+from kvflow.model.fused_decode import MAX_ROWS
 from kvflow.model.loader import load_model
 from kvflow.outputs import Logprob, TokenLogprob
 from kvflow.structured.bitmask import grammar_bitmask
@@ -178,12 +179,38 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks + use_graphs, self.block_size,
                                             self.kv_cache_dtype, self.device)
         self.model.warm_up_op_choices(max_rows=512)
-        self.model.enable_fused_decode()  # small steps of int8 / int4 / bf16 models in one C call
+        if self.model.enable_fused_decode():  # small steps of int8 / int4 / bf16 models in one C call
+            self._time_fused_steps()
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, config.scheduler.max_num_seqs,
                                        self.model_config.max_position_embeddings, self.num_blocks, self.device)
             self.graphs.capture()
+
+    @torch.inference_mode()
+    def _time_fused_steps(self) -> None:
+        """Choose between the C step and the layer-by-layer path for every step size now, at start-up,
+        rather than inside the first request of each size (at 64-128 tokens that timing is a second or
+        more). One step of each size class from position 0, on blocks no request holds yet; choices
+        this machine already made (op_select keeps them on disk) are not timed again."""
+        fused = self.model.fused_decode
+        cache_dtype = self.kv_caches[0][0].dtype
+        limit = min(MAX_ROWS, self.num_blocks * self.block_size, self.model_config.max_position_embeddings)
+        sizes = [1 << i for i in range(limit.bit_length()) if not fused.choices_known(1 << i, cache_dtype)]
+        if sizes:
+            logger.info("timing the C decode step against the layer-by-layer path for steps of %s tokens "
+                        "(once on this machine)", "/".join(map(str, sizes)))
+        for rows in sizes:
+            self.synthetic_step(list(range((rows + self.block_size - 1) // self.block_size)), rows, 0, rows)
+
+    @torch.inference_mode()
+    def synthetic_step(self, block_ids: list[int], n: int, start: int, rows: int) -> torch.Tensor:
+        """The logits of the last `rows` of n made-up tokens at positions start.. (their KV written into
+        block_ids): a step of that shape for timing and start-up choices, outside the scheduler."""
+        tokens = [(7 * i + 11) % self.model_config.vocab_size for i in range(n)]
+        batch = build_batch([(tokens, start, block_ids)], self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        return self.model.compute_logits(hidden[-rows:])
 
     def _num_blocks(self, config: EngineConfig) -> int:
         if config.cache.num_gpu_blocks is not None:

@@ -7,10 +7,10 @@
  * torch, SmolLM2-135M's int8 step is ~25 ms, of which the matmuls take ~12 and the rest is hundreds of
  * small torch calls and their Python; llama.cpp's whole Q8_0 token takes ~15 ms. Here a step is one
  * call from Python, and the matmuls read the quantized weights in place:
- *   int8 (W8A8, as layers/quantized_linear.py's "w8a8"): each input row is quantized to int8 with one
- *     scale a = max|x| / 127 (x / a rounded half to even), multiplied by the int8 weights in int32
- *     with the CPU's int8 dot products (AVX-512 VNNI), then scaled by a and the weight's per-output-
- *     channel scale. VNNI multiplies unsigned by signed bytes, so activations are stored as x + 128
+ *   int8 (W8A8, as layers/quantized_linear.py's "w8a8"): each input row becomes two int8 rows, x ~
+ *     a1 q1 + a2 q2 (q1 = x / a1 rounded half to even, a1 = max|x| / 127; q2 the same of what q1
+ *     left), multiplied by the int8 weights in int32 with the CPU's int8 dot products (AVX-512 VNNI,
+ *     or AMX), then scaled by a1 or a2 and the weight's per-output-channel scale, and summed. VNNI multiplies unsigned by signed bytes, so activations are stored as x + 128
  *     and the weight row sums correct the product: sum (x + 128) w - 128 sum w = sum x w.
  *   int4 (torch's CPU int4 pack, groups of 32 with scale and zero in bfloat16): activations are
  *     quantized to int8 per group of 32 and multiplied by the 4-bit weights in integers (below).
@@ -111,31 +111,53 @@ typedef struct {
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* ---------------- W8A8 matmul ---------------- */
+/* One int8 row of K values, stored as q + 128: q = v (1 / a) rounded half to even, a = max|v| / 127, where
+ * v = x, or with prev_a > 0 what rounding x to prev_a's levels left: x - round(x (1 / prev_a)) prev_a.
+ * (Multiplying by 1 / a, as torch's quantize_activations does: a division per value made this a third
+ * of a 16-row int8 step.) */
+#ifdef __AVX512F__
+#define ROUND16(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+ALWAYS_INLINE __m512 rest16(__m512 x, float prev_a, float prev_inv) {
+    if (prev_a == 0.f) return x;
+    return _mm512_sub_ps(x, _mm512_mul_ps(ROUND16(_mm512_mul_ps(x, _mm512_set1_ps(prev_inv))), _mm512_set1_ps(prev_a)));
+}
+#endif
+static inline float rest1(float x, float prev_a, float prev_inv) {
+    return prev_a == 0.f ? x : x - nearbyintf(x * prev_inv) * prev_a;
+}
+
+static float quantize_row(const float* x, int K, float prev_a, uint8_t* u) {
+    const float prev_inv = prev_a == 0.f ? 0.f : 1.f / prev_a;
+    float mx = 0.f;
+    int k = 0;
+#ifdef __AVX512F__  /* the same products and round-half-to-even, 16 at a time */
+    __m512 vmx = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16)
+        vmx = _mm512_max_ps(vmx, _mm512_abs_ps(rest16(_mm512_loadu_ps(x + k), prev_a, prev_inv)));
+    mx = _mm512_reduce_max_ps(vmx);
+#endif
+    for (; k < K; k++) mx = fmaxf(mx, fabsf(rest1(x[k], prev_a, prev_inv)));
+    const float a = fmaxf(mx, 1e-12f) / 127.f, inv = 1.f / a;
+    k = 0;
+#ifdef __AVX512F__
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (; k + 16 <= K; k += 16) {
+        const __m512 q = ROUND16(_mm512_mul_ps(rest16(_mm512_loadu_ps(x + k), prev_a, prev_inv), vinv));
+        _mm_storeu_si128((__m128i*)(u + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128))));
+    }
+#endif
+    for (; k < K; k++) u[k] = (uint8_t)((int)nearbyintf(rest1(x[k], prev_a, prev_inv) * inv) + 128);
+    return a;
+}
+
+/* Each input row m as two int8 rows, 2m and 2m + 1: x ~ a1 q1 + a2 q2, q2 the rounding left by q1
+ * (layers/quantized_linear.py says why). xu: 2M rows of K bytes; xa: their 2M scales. */
 static void quantize_rows(const float* x, int M, int K, uint8_t* xu, float* xa) {
+    #pragma omp parallel for schedule(static) if (M >= 8)
     for (int m = 0; m < M; m++) {
         const float* r = x + (int64_t)m * K;
-        uint8_t* u = xu + (int64_t)m * K;
-        float mx = 0.f;
-        int k = 0;
-#ifdef __AVX512F__  /* the same divisions and round-half-to-even, 16 at a time */
-        __m512 vmx = _mm512_setzero_ps();
-        for (; k + 16 <= K; k += 16) vmx = _mm512_max_ps(vmx, _mm512_abs_ps(_mm512_loadu_ps(r + k)));
-        mx = _mm512_reduce_max_ps(vmx);
-#endif
-        for (; k < K; k++) mx = fmaxf(mx, fabsf(r[k]));
-        const float a = fmaxf(mx, 1e-12f) / 127.f;
-        xa[m] = a;
-        k = 0;
-#ifdef __AVX512F__
-        const __m512 va = _mm512_set1_ps(a);
-        for (; k + 16 <= K; k += 16) {
-            const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(r + k), va),
-                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            const __m512i b = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
-            _mm_storeu_si128((__m128i*)(u + k), _mm512_cvtepi32_epi8(b));
-        }
-#endif
-        for (; k < K; k++) u[k] = (uint8_t)((int)nearbyintf(r[k] / a) + 128);
+        xa[2 * m] = quantize_row(r, K, 0.f, xu + (int64_t)2 * m * K);
+        xa[2 * m + 1] = quantize_row(r, K, xa[2 * m], xu + (int64_t)(2 * m + 1) * K);
     }
 }
 
@@ -184,21 +206,28 @@ ALWAYS_INLINE void tile_u8s8(const uint8_t* x, const int8_t* w, int K, int R, in
 #define INT8_TILE_K 1
 #endif
 
-/* y [M, N] = dequant(quant(x) @ q.T) (+ bias); xu, xa: the rows of x as quantize_rows leaves them. */
+/* One output of the int8 matmul from the int32 sums of a token's two rows (d[0]: q1, d[1]: q2), in
+ * the order torch's "w8a8" takes: (d1 a1 s + d2 a2 s) + bias. */
+static inline float int8_output(const QLinear* L, int n, int32_t d1, int32_t d2, const float* a) {
+    const int32_t off = 128 * L->qsum[n];
+    return ((float)(d1 - off) * a[0] * L->scale[n] + (float)(d2 - off) * a[1] * L->scale[n]) + (L->bias ? L->bias[n] : 0.f);
+}
+
+/* y [M, N] = dequant(quant(x) @ q.T) (+ bias); xu, xa: the 2M rows of x as quantize_rows leaves them
+ * (a tile's rows are whole pairs: 2M is even and tiles start at multiples of 4). */
 static void linear_int8(const QLinear* L, const uint8_t* xu, const float* xa, int M, float* y) {
     const int N = L->N, K = L->K;
     const int8_t* W = (const int8_t*)L->q;
-    FOR_TILES(N, M) {
+    FOR_TILES(N, 2 * M) {
         const uint8_t* xr = xu + (int64_t)m0 * K;
         const int8_t* w = W + (int64_t)n0 * K;
         int32_t d[TILE][4];
         if (rows == 4 && K % INT8_TILE_K == 0) WITH_CONST_R(R, tile_u8s8(xr, w, K, R_, m0 == 0, d))
         else for (int r = 0; r < R; r++)
             for (int c = 0; c < rows; c++) d[r][c] = dot_u8s8(xr + r * K, w + c * K, K);
-        for (int r = 0, m = m0; r < R; r++, m++)
+        for (int r = 0; r < R; r += 2)
             for (int c = 0, n = n0; c < rows; c++, n++)
-                y[(int64_t)m * N + n] = (float)(d[r][c] - 128 * L->qsum[n]) * xa[m] * L->scale[n]
-                                        + (L->bias ? L->bias[n] : 0.f);
+                y[(int64_t)(m0 + r) / 2 * N + n] = int8_output(L, n, d[r][c], d[r + 1][c], xa + m0 + r);
     }
 }
 
@@ -491,19 +520,44 @@ static void widen_rows_bf16(const int8_t* q, int rows, int K, uint16_t* out) {
     }
 }
 
+/* The 16 x 16 block of 32-bit values at src (rows 64 bytes apart) transposed into t: t[m] lane r = src[r][m]. */
+ALWAYS_INLINE void transpose16(const void* src, __m512 t[16]) {
+    __m512 r[16], u[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps((const float*)src + 16 * i);
+    for (int i = 0; i < 16; i += 2) {
+        u[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        u[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 1] = _mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[i + 2] = _mm512_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 3] = _mm512_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            u[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+            u[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        t[i] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0x88);
+        t[i + 8] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0xdd);
+    }
+}
+
 /* y [M, N] from A (the weights, or for int8_a16 their bf16 widening) and x packed to B tiles (xt):
- * y = epilogue of the int32 (int8) or float sums. N a multiple of 32; K of 64 (int8) or 32. */
+ * y = epilogue of the int32 (int8) or float sums. N a multiple of 32; K of 64 (int8) or 32. For int8
+ * the B rows are the 2M rows of quantize_rows: a tile's 16 columns are 8 tokens' two rows. Each 16 x 16
+ * output tile C[n][m] is transposed in registers, so that whole runs of 16 outputs of a row are stored. */
 static void linear_amx(const QLinear* L, int M, const uint8_t* xt, const float* xa, float* y) {
     const int N = L->N, K = L->K, int8 = L->kind == LINEAR_INT8, widen = L->kind == LINEAR_INT8_A16;
-    const int row_bytes = int8 ? K : 2 * K, chunks = row_bytes / 64, tiles = (M + 15) / 16;
-    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(32));  /* offsets of T[i][n] */
+    const int row_bytes = int8 ? K : 2 * K, chunks = row_bytes / 64, b_rows = int8 ? 2 * M : M;
+    const int tiles = (b_rows + 15) / 16;
     #pragma omp parallel
     {
         tiles_configure();
         uint16_t* wide = widen ? (uint16_t*)aligned_alloc(64, (size_t)32 * K * 2) : NULL;
-        union { float f[1024]; int32_t i[1024]; } c __attribute__((aligned(64)));
-        float T[16 * 32] __attribute__((aligned(64)));
+        float c[1024] __attribute__((aligned(64)));  /* int32 for int8 */
         #pragma omp for schedule(static)
         for (int n0 = 0; n0 < N; n0 += 32) {
             const uint8_t* w = (const uint8_t*)L->q + (int64_t)n0 * (widen ? K : row_bytes);
@@ -511,27 +565,27 @@ static void linear_amx(const QLinear* L, int M, const uint8_t* xt, const float* 
             for (int t = 0; t < tiles; t += 2) {
                 const int two = t + 1 < tiles;
                 const uint8_t* next = widen || n0 + 32 >= N || t > 0 ? NULL : w + 32 * (int64_t)row_bytes;
-                amx_block(int8, w, next, row_bytes, xt + (int64_t)t * chunks * 1024, chunks, two, &c);
-                for (int j = 0; j < 1 + two; j++) {  /* C[n][m]: 16 m per n, turned into rows of 32 n in T */
-                    const int m0 = 16 * (t + j), left = M - m0;
-                    const __mmask16 valid = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-                    const __m512 row_scale = int8 ? _mm512_maskz_loadu_ps(valid, xa + m0) : _mm512_set1_ps(1.f);
-                    for (int h = 0; h < 2; h++)
-                        for (int r = 0; r < 16; r++) {
-                            const int n = n0 + 16 * h + r, at = (j * 2 + h) * 256 + r * 16;
-                            __m512 v;
-                            if (int8) v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c.i + at),
-                                                                              _mm512_set1_epi32(128 * L->qsum[n])));
-                            else v = _mm512_load_ps(c.f + at);
-                            const float col_scale = int8 || widen ? L->scale[n] : 1.f;  /* in the plain path's order */
-                            v = _mm512_mul_ps(_mm512_mul_ps(v, row_scale), _mm512_set1_ps(col_scale));
-                            v = _mm512_add_ps(v, _mm512_set1_ps(L->bias ? L->bias[n] : 0.f));
-                            _mm512_i32scatter_ps(T + 16 * h + r, column, v, 4);
-                        }
-                    /* whole rows out: 16 values scattered N floats apart would all fall in one cache set */
-                    for (int mm = 0; mm < 16 && mm < left; mm++)
-                        memcpy(y + (int64_t)(m0 + mm) * N + n0, T + 32 * mm, 32 * sizeof(float));
-                }
+                amx_block(int8, w, next, row_bytes, xt + (int64_t)t * chunks * 1024, chunks, two, c);
+                for (int j = 0; j < 1 + two; j++)
+                    for (int h = 0; h < 2; h++) {
+                        const int n = n0 + 16 * h, b0 = 16 * (t + j);
+                        const __m512 col_scale = int8 || widen ? _mm512_loadu_ps(L->scale + n) : _mm512_set1_ps(1.f);
+                        const __m512 bias = L->bias ? _mm512_loadu_ps(L->bias + n) : _mm512_setzero_ps();
+                        __m512 tr[16];
+                        transpose16(c + (j * 2 + h) * 256, tr);
+                        if (int8) {  /* in int8_output's order: (d1 a1 s + d2 a2 s) + bias */
+                            const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(L->qsum + n), 7);
+                            for (int i = 0, b = b0; i < 8 && b < b_rows; i++, b += 2) {
+                                const __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(tr[2 * i]), off));
+                                const __m512 d2 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(tr[2 * i + 1]), off));
+                                const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d1, _mm512_set1_ps(xa[b])), col_scale),
+                                                               _mm512_mul_ps(_mm512_mul_ps(d2, _mm512_set1_ps(xa[b + 1])), col_scale));
+                                _mm512_storeu_ps(y + (int64_t)(b / 2) * N + n, _mm512_add_ps(v, bias));
+                            }
+                        } else
+                            for (int m = 0, b = b0; m < 16 && b < b_rows; m++, b++)
+                                _mm512_storeu_ps(y + (int64_t)b * N + n, _mm512_add_ps(_mm512_mul_ps(tr[m], col_scale), bias));
+                    }
             }
         }
         free(wide);
@@ -561,7 +615,8 @@ static void linear(const QLinear* L, const float* x, int M, uint8_t* xu, float* 
 #if HAVE_AMX
     if (amx) {
         uint8_t* xt = xu + (((int64_t)M * K * 2 + 63) / 64) * 64;
-        pack_b_tiles(xu, M, L->kind == LINEAR_INT8 ? K : 2 * K, (uint32_t*)xt);
+        const int int8 = L->kind == LINEAR_INT8;  /* 2M int8 rows, or M bf16 ones */
+        pack_b_tiles(xu, int8 ? 2 * M : M, int8 ? K : 2 * K, (uint32_t*)xt);
         linear_amx(L, M, xt, xa, y);
         return;
     }
