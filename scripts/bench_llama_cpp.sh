@@ -14,7 +14,8 @@
 # (written to OUT/repack.txt).
 # serve (goal 1): llama-server (-np 16) and `kvflow serve`, one after the other on the same port-free
 # machine, each loaded by `kvflow bench serve` with the same 48 random 128-in / 64-out requests at rates
-# 1, 2, 4 and inf; goodput counts requests within TTFT 2 s and TPOT 100 ms.
+# 1, 2, 4 and inf; goodput counts requests within TTFT 2 s and TPOT 100 ms. SERVE_PEERS="Q8_0" and
+# SERVE_KVFLOW="--quantization int8 --max-num-seqs 16;--dtype bfloat16" narrow the servers run.
 # Perplexity: the text is what `kvflow bench perplexity --dataset sharegpt` reads (written to
 # OUT/sharegpt.txt); llama-perplexity's strided mode (--ppl-stride) scores, like kvflow, the last 256
 # tokens of windows of 512 that start every 256 tokens. It widens the window to -c + stride/2, hence
@@ -67,7 +68,7 @@ run_serve() {
   detect_repack
   sweep=(--dataset random --random-input-len 128 --random-output-len 64 --ignore-eos --num-prompts 48
          --sweep-rates 1,2,4,inf --goodput ttft:2000 tpot:100 --disable-tqdm --tokenizer smollm2-135m --seed 0)
-  for ty in Q8_0 Q4_1; do
+  for ty in ${SERVE_PEERS:-Q8_0 Q4_1}; do
     say "llama-server $ty -np 16, bench serve"
     "$BIN/llama-server" -m "$(model $ty)" -t $T -np 16 -c $((16 * 256)) --port 8091 "${COMMON_REPACK[@]}" \
       > "$OUT/llama-server-$ty.log" 2>&1 &
@@ -77,7 +78,9 @@ run_serve() {
     kill $pid; wait $pid || true
   done
   # --max-num-seqs 16: at most 16 requests decode at once, as llama-server's -np 16 slots
-  for q in "--quantization int8" "--quantization int8 --max-num-seqs 16" "--quantization auto" "--dtype bfloat16"; do
+  local settings=("--quantization int8" "--quantization int8 --max-num-seqs 16" "--quantization auto" "--dtype bfloat16")
+  [ -n "${SERVE_KVFLOW:-}" ] && IFS=';' read -r -a settings <<< "$SERVE_KVFLOW"
+  for q in "${settings[@]}"; do
     tag=$(echo "$q" | tr -d ' -' | sed 's/quantization/q-/; s/dtype/d-/; s/maxnumseqs/-seqs/')
     say "kvflow serve $q, bench serve"
     $KV serve --model smollm2-135m $q --port 8092 > "$OUT/kvflow-serve-$tag.log" 2>&1 &
@@ -111,7 +114,8 @@ for tag in ("q-int8", "q-auto", "d-bfloat16"):
     v = [json.loads(p.read_text())["decode_tokens_per_s"] for p in sorted(out.glob(f"single-{tag}-r*.json"))]
     print(f"kvflow {tag}: decode tok/s {[round(x, 1) for x in v]} median {statistics.median(v):.1f}")
 for ty in ("Q8_0", "Q4_1", "BF16"):
-    v = [json.loads(p.read_text())[0]["avg_ts"] for p in sorted(out.glob(f"tg128-{ty}-r*.json"))]
+    # (raw_decode: llama-bench has been seen to close its JSON array twice)
+    v = [json.JSONDecoder().raw_decode(p.read_text())[0][0]["avg_ts"] for p in sorted(out.glob(f"tg128-{ty}-r*.json"))]
     print(f"llama.cpp {ty} tg128: tok/s {[round(x, 1) for x in v]} median {statistics.median(v):.1f}")
 EOF2
 }
