@@ -6,6 +6,7 @@ the plain-torch path: same results up to float rounding."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -39,6 +40,7 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+@functools.cache
 def source_digest() -> str:
     """Names this build of the kernels (sources, headers, compiler, flags): the library's file, and the
     timed choices between it and torch (layers/op_select.py), which a changed kernel invalidates."""

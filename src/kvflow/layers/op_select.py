@@ -76,7 +76,8 @@ def forget_saved() -> None:
 
 def _path() -> Path:
     path = kernel_choice.cache_path()  # per CPU, thread count and torch; and per build of the C kernels
-    return path.with_name(path.name.replace("linear-", "ops-").replace(".json", f"-{cpu_kernels.source_digest()}.json"))
+    name = path.name.replace("linear-", "ops-").replace(".json", f"-{cpu_kernels.source_digest()}.json")
+    return path.with_name(name)
 
 
 def _saved_choices() -> dict[str, str]:

@@ -10,8 +10,9 @@
  *   int8 (W8A8, as layers/quantized_linear.py's "w8a8"): each input row becomes two int8 rows, x ~
  *     a1 q1 + a2 q2 (q1 = x / a1 rounded half to even, a1 = max|x| / 127; q2 the same of what q1
  *     left), multiplied by the int8 weights in int32 with the CPU's int8 dot products (AVX-512 VNNI,
- *     or AMX), then scaled by a1 or a2 and the weight's per-output-channel scale, and summed. VNNI multiplies unsigned by signed bytes, so activations are stored as x + 128
- *     and the weight row sums correct the product: sum (x + 128) w - 128 sum w = sum x w.
+ *     or AMX), then scaled by a1 or a2 and the weight's per-output-channel scale, and summed. VNNI
+ *     multiplies unsigned by signed bytes, so activations are stored as x + 128 and the weight row
+ *     sums correct the product: sum (x + 128) w - 128 sum w = sum x w.
  *   int4 (torch's CPU int4 pack, groups of 32 with scale and zero in bfloat16): activations are
  *     quantized to int8 per group of 32 and multiplied by the 4-bit weights in integers (below).
  *   bf16 (a bfloat16 model): activations rounded to bfloat16 and multiplied with the CPU's bf16 dot
@@ -119,7 +120,8 @@ typedef struct {
 #define ROUND16(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 ALWAYS_INLINE __m512 rest16(__m512 x, float prev_a, float prev_inv) {
     if (prev_a == 0.f) return x;
-    return _mm512_sub_ps(x, _mm512_mul_ps(ROUND16(_mm512_mul_ps(x, _mm512_set1_ps(prev_inv))), _mm512_set1_ps(prev_a)));
+    const __m512 q = ROUND16(_mm512_mul_ps(x, _mm512_set1_ps(prev_inv)));
+    return _mm512_sub_ps(x, _mm512_mul_ps(q, _mm512_set1_ps(prev_a)));
 }
 #endif
 static inline float rest1(float x, float prev_a, float prev_inv) {
@@ -143,7 +145,8 @@ static float quantize_row(const float* x, int K, float prev_a, uint8_t* u) {
     const __m512 vinv = _mm512_set1_ps(inv);
     for (; k + 16 <= K; k += 16) {
         const __m512 q = ROUND16(_mm512_mul_ps(rest16(_mm512_loadu_ps(x + k), prev_a, prev_inv), vinv));
-        _mm_storeu_si128((__m128i*)(u + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128))));
+        const __m512i b = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
+        _mm_storeu_si128((__m128i*)(u + k), _mm512_cvtepi32_epi8(b));
     }
 #endif
     for (; k < K; k++) u[k] = (uint8_t)((int)nearbyintf(rest1(x[k], prev_a, prev_inv) * inv) + 128);
@@ -210,7 +213,8 @@ ALWAYS_INLINE void tile_u8s8(const uint8_t* x, const int8_t* w, int K, int R, in
  * the order torch's "w8a8" takes: (d1 a1 s + d2 a2 s) + bias. */
 static inline float int8_output(const QLinear* L, int n, int32_t d1, int32_t d2, const float* a) {
     const int32_t off = 128 * L->qsum[n];
-    return ((float)(d1 - off) * a[0] * L->scale[n] + (float)(d2 - off) * a[1] * L->scale[n]) + (L->bias ? L->bias[n] : 0.f);
+    const float s = L->scale[n];
+    return ((float)(d1 - off) * a[0] * s + (float)(d2 - off) * a[1] * s) + (L->bias ? L->bias[n] : 0.f);
 }
 
 /* y [M, N] = dequant(quant(x) @ q.T) (+ bias); xu, xa: the 2M rows of x as quantize_rows leaves them
@@ -545,6 +549,28 @@ ALWAYS_INLINE void transpose16(const void* src, __m512 t[16]) {
     }
 }
 
+/* One output tile, transposed (tr[i]: outputs n.. n + 15 of B row b0 + i), into y: float rows scaled
+ * and biased; int8's pairs of rows (a token's two terms) summed in int8_output's order. */
+ALWAYS_INLINE void tile_epilogue(const QLinear* L, const __m512 tr[16], int b0, int b_rows, const float* xa, int n,
+                                 float* y) {
+    const int64_t N = L->N;
+    const __m512 s = L->kind != LINEAR_BF16 ? _mm512_loadu_ps(L->scale + n) : _mm512_set1_ps(1.f);
+    const __m512 bias = L->bias ? _mm512_loadu_ps(L->bias + n) : _mm512_setzero_ps();
+    if (L->kind != LINEAR_INT8) {
+        for (int i = 0; i < 16 && b0 + i < b_rows; i++)
+            _mm512_storeu_ps(y + (b0 + i) * N + n, _mm512_add_ps(_mm512_mul_ps(tr[i], s), bias));
+        return;
+    }
+    const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(L->qsum + n), 7);  /* 128 sum_k q */
+    for (int i = 0, b = b0; i < 8 && b < b_rows; i++, b += 2) {
+        const __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(tr[2 * i]), off));
+        const __m512 d2 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(tr[2 * i + 1]), off));
+        const __m512 v1 = _mm512_mul_ps(_mm512_mul_ps(d1, _mm512_set1_ps(xa[b])), s);
+        const __m512 v2 = _mm512_mul_ps(_mm512_mul_ps(d2, _mm512_set1_ps(xa[b + 1])), s);
+        _mm512_storeu_ps(y + (b / 2) * N + n, _mm512_add_ps(_mm512_add_ps(v1, v2), bias));
+    }
+}
+
 /* y [M, N] from A (the weights, or for int8_a16 their bf16 widening) and x packed to B tiles (xt):
  * y = epilogue of the int32 (int8) or float sums. N a multiple of 32; K of 64 (int8) or 32. For int8
  * the B rows are the 2M rows of quantize_rows: a tile's 16 columns are 8 tokens' two rows. Each 16 x 16
@@ -568,23 +594,9 @@ static void linear_amx(const QLinear* L, int M, const uint8_t* xt, const float* 
                 amx_block(int8, w, next, row_bytes, xt + (int64_t)t * chunks * 1024, chunks, two, c);
                 for (int j = 0; j < 1 + two; j++)
                     for (int h = 0; h < 2; h++) {
-                        const int n = n0 + 16 * h, b0 = 16 * (t + j);
-                        const __m512 col_scale = int8 || widen ? _mm512_loadu_ps(L->scale + n) : _mm512_set1_ps(1.f);
-                        const __m512 bias = L->bias ? _mm512_loadu_ps(L->bias + n) : _mm512_setzero_ps();
                         __m512 tr[16];
                         transpose16(c + (j * 2 + h) * 256, tr);
-                        if (int8) {  /* in int8_output's order: (d1 a1 s + d2 a2 s) + bias */
-                            const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(L->qsum + n), 7);
-                            for (int i = 0, b = b0; i < 8 && b < b_rows; i++, b += 2) {
-                                const __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(tr[2 * i]), off));
-                                const __m512 d2 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(tr[2 * i + 1]), off));
-                                const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d1, _mm512_set1_ps(xa[b])), col_scale),
-                                                               _mm512_mul_ps(_mm512_mul_ps(d2, _mm512_set1_ps(xa[b + 1])), col_scale));
-                                _mm512_storeu_ps(y + (int64_t)(b / 2) * N + n, _mm512_add_ps(v, bias));
-                            }
-                        } else
-                            for (int m = 0, b = b0; m < 16 && b < b_rows; m++, b++)
-                                _mm512_storeu_ps(y + (int64_t)b * N + n, _mm512_add_ps(_mm512_mul_ps(tr[m], col_scale), bias));
+                        tile_epilogue(L, tr, 16 * (t + j), b_rows, xa, n0 + 16 * h, y);
                     }
             }
         }
