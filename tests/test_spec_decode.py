@@ -680,6 +680,31 @@ def test_choose_counts_margin_beats_the_models_own_error():
     assert choose_counts([Candidate([0.9] * 4, 100)], _decodes(1), m).counts == [4]
 
 
+def test_choose_counts_prices_no_node_that_cannot_pay(monkeypatch):
+    """Nodes worth less than the base goodput times the least a token can cost are never priced, and
+    leaving them out changes no choice (the same counts as pricing every node)."""
+    import random
+    rng = random.Random(0)
+    laws = [lambda n: 0.01 + 0.0004 * n, lambda n: 0.02 if n <= 64 else 0.02 + 0.0008 * (n - 64),
+            lambda n: 0.005 + 0.001 * n ** 0.7]
+    priced = unpruned = 0
+    for law in laws:
+        for _ in range(20):
+            n = rng.choice([1, 4, 16, 64])
+            cands = [Candidate(chain_values(rng.random(), rng.randint(1, 8)), rng.randint(10, 400)) for _ in range(n)]
+            m = _model(law, per_row=rng.choice([0.0, 1e-4]))
+            calls = []
+            real = m.predict
+            monkeypatch.setattr(m, "predict", lambda s: calls.append(1) or real(s))
+            pruned = choose_counts(cands, _decodes(n), m, margin=0.02).counts
+            priced += len(calls)
+            monkeypatch.setattr(m, "min_token_cost", lambda tokens: 0.0)  # price every node
+            calls.clear()
+            assert choose_counts(cands, _decodes(n), m, margin=0.02).counts == pruned
+            unpruned += len(calls)
+    assert priced < unpruned / 2, (priced, unpruned)
+
+
 def test_step_time_model_seed_fit_and_refine():
     """Fitted from timed shapes of a known cost law, it predicts unseen shapes; real steps refine it
     and its error is reported."""

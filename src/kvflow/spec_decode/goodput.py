@@ -150,6 +150,13 @@ class StepTimeModel:
             a = self.smoothing * wj
             self.f[j] += a * (resid - cur)
 
+    def min_token_cost(self, tokens: int) -> float:
+        """A lower bound on what one more token costs a step of at least `tokens` tokens: the
+        smallest slope of f from there on, plus its row (its keys only add to that)."""
+        f = self.f
+        slopes = [(f[i] - f[i - 1]) / (KNOTS[i] - KNOTS[i - 1]) for i in range(1, len(KNOTS)) if KNOTS[i] > tokens]
+        return self.per_row + min(slopes or [(f[-1] - f[-2]) / (KNOTS[-1] - KNOTS[-2])])
+
     @property
     def margin(self) -> float:
         """How much better speculation must look than no speculation before it is tried."""
@@ -221,9 +228,13 @@ def choose_counts(cands: list[Candidate], base: StepLayout, model: StepTimeModel
     if t0 is None:  # nothing known at all: verify everything once; the step gets measured
         full = [len(c.values) for c in cands]
         return Choice(full, base_tokens + sum(sum(c.values) for c in cands), None, None, None)
-    order = sorted(((v, i) for i, c in enumerate(cands) for v in c.values if v > 0.005), key=lambda x: -x[0])
     margin = model.margin if margin is None else margin
     g0 = base_tokens / t0
+    # A node whose value is below g0 x (the least one more token can cost) lowers the ratio of any
+    # prefix it joins, and so do all after it (values only fall): such nodes are never priced. On a
+    # batch where drafts do not pay, that is most of them (pricing them had cost 4-7% of a step).
+    cutoff = max(0.005, g0 * model.min_token_cost(base.shape().tokens))
+    order = sorted(((v, i) for i, c in enumerate(cands) for v in c.values if v > cutoff), key=lambda x: -x[0])
     best_ratio, best_upto, best_t = g0, 0, t0
     lay = StepLayout(**vars(base))
     chosen = [0] * n
