@@ -191,26 +191,28 @@ class ModelRunner:
     def _time_fused_steps(self) -> None:
         """Choose between the C step and the layer-by-layer path for every step size now, at start-up,
         rather than inside the first request of each size (at 64-128 tokens that timing is a second or
-        more). One step of each size class from position 0, on blocks no request holds yet; choices
-        this machine already made (op_select keeps them on disk) are not timed again."""
+        more). Each size class is timed on a batch of decodes at a context of up to 128 tokens (all
+        reading the same blocks, which no request holds yet); choices this machine already made
+        (op_select keeps them on disk) are not timed again."""
         fused = self.model.fused_decode
         cache_dtype = self.kv_caches[0][0].dtype
-        limit = min(MAX_ROWS, self.num_blocks * self.block_size, self.model_config.max_position_embeddings)
-        sizes = [1 << i for i in range(limit.bit_length()) if not fused.choices_known(1 << i, cache_dtype)]
+        sizes = [1 << i for i in range(MAX_ROWS.bit_length()) if not fused.choices_known(1 << i, cache_dtype)]
+        context = min(128, self.num_blocks * self.block_size, self.model_config.max_position_embeddings) - 1
         if sizes:
             logger.info("timing the C decode step against the layer-by-layer path for steps of %s tokens "
                         "(once on this machine)", "/".join(map(str, sizes)))
         for rows in sizes:
-            self.synthetic_step(list(range((rows + self.block_size - 1) // self.block_size)), rows, 0, rows)
+            self.synthetic_step(list(range(context // self.block_size + 1)), 1, context, 1, copies=rows)
 
     @torch.inference_mode()
-    def synthetic_step(self, block_ids: list[int], n: int, start: int, rows: int) -> torch.Tensor:
+    def synthetic_step(self, block_ids: list[int], n: int, start: int, rows: int, copies: int = 1) -> torch.Tensor:
         """The logits of the last `rows` of n made-up tokens at positions start.. (their KV written into
-        block_ids): a step of that shape for timing and start-up choices, outside the scheduler."""
+        block_ids), for each of `copies` requests that share those blocks: a step of that shape for
+        timing and start-up choices, outside the scheduler."""
         tokens = [(7 * i + 11) % self.model_config.vocab_size for i in range(n)]
-        batch = build_batch([(tokens, start, block_ids)], self.block_size, self.device)
+        batch = build_batch([(tokens, start, block_ids)] * copies, self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self.model.compute_logits(hidden[-rows:])
+        return self.model.compute_logits(hidden.view(copies, n, -1)[:, -rows:].reshape(copies * rows, -1))
 
     def _num_blocks(self, config: EngineConfig) -> int:
         if config.cache.num_gpu_blocks is not None:
