@@ -232,7 +232,7 @@ def choose_counts(cands: list[Candidate], base: StepLayout, model: StepTimeModel
     g0 = base_tokens / t0
     # A node whose value is below g0 x (the least one more token can cost) lowers the ratio of any
     # prefix it joins, and so do all after it (values only fall): such nodes are never priced. On a
-    # batch where drafts do not pay, that is most of them (pricing them had cost 4-7% of a step).
+    # batch where drafts do not pay, that is most of them (pricing them had cost 4% of a batch-16 step).
     cutoff = max(0.005, g0 * model.min_token_cost(base.shape().tokens))
     order = sorted(((v, i) for i, c in enumerate(cands) for v in c.values if v > cutoff), key=lambda x: -x[0])
     best_ratio, best_upto, best_t = g0, 0, t0
