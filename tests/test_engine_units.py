@@ -349,3 +349,24 @@ def test_decode_kernel_equals_torch_path_next_to_longer_prefill(monkeypatch):
     plain = attention.paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), batch.meta, D ** -0.5)
     err = (with_kernel - plain).abs().amax(dim=(1, 2))
     assert float(err.max()) < 1e-5, f"kernel vs torch, max error per token: {err.tolist()}"
+
+
+def test_file_key_follows_contents_not_path(tmp_path, monkeypatch):
+    """Caches derived from a model file (converted weights, tokenizers, smoothing) are keyed by its
+    contents: a copy elsewhere (a fresh virtualenv) hits, an edit of the same size misses."""
+    import os
+    import shutil
+
+    from kvflow.cache import file_key
+    monkeypatch.setenv("KVFLOW_CACHE", str(tmp_path / "cache"))
+    a = tmp_path / "a" / "model.gguf"
+    a.parent.mkdir()
+    a.write_bytes(bytes(range(256)) * 64)
+    b = tmp_path / "b" / "model.gguf"
+    b.parent.mkdir()
+    shutil.copyfile(a, b)
+    os.utime(b, ns=(1, 1))
+    assert file_key(a) == file_key(b) and file_key(a, "v2") != file_key(a)
+    a.write_bytes(bytes(range(255, -1, -1)) * 64)
+    os.utime(a, ns=(2, 2))
+    assert file_key(a) != file_key(b)

@@ -1,5 +1,6 @@
 """Where kvflow keeps what it derives from files once and reuses across runs: converted tokenizers,
-dequantized GGUF weights, kernel builds, kernel-choice calibrations, dataset indexes.
+dequantized GGUF weights, kernel builds, kernel-choice calibrations, dataset indexes (keyed by the
+contents of the files they come from).
 $KVFLOW_CACHE moves it (default ~/.cache/kvflow); deleting it is always safe."""
 from __future__ import annotations
 
@@ -13,6 +14,38 @@ def cache_dir(*parts: str) -> Path:
 
 
 def file_key(path: Path, salt: str = "") -> str:
-    """A short key for a file's identity (path, size, modification time): a changed file misses."""
+    """A short key for a file's contents: a changed file misses, and the same file installed anew
+    (a fresh virtualenv: another path, another modification time) hits what was derived from it."""
+    return hashlib.sha256(f"{content_digest(path)}:{salt}".encode()).hexdigest()[:16]
+
+
+_digests: dict[str, str] = {}
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of the file, read once per (path, size, modification time) on this machine: remembered
+    under file-digests/ (hashing a 5 GB model takes seconds; looking it up, nothing)."""
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{salt}".encode()).hexdigest()[:16]
+    identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if identity in _digests:
+        return _digests[identity]
+    index = cache_dir("file-digests", hashlib.sha256(identity.encode()).hexdigest()[:16])
+    try:
+        digest = index.read_text().strip()
+    except OSError:
+        digest = ""
+    if len(digest) != 64:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        digest = h.hexdigest()
+        try:
+            index.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(digest)
+            os.replace(tmp, index)
+        except OSError:  # a read-only cache: hash again next time
+            pass
+    _digests[identity] = digest
+    return digest
