@@ -370,3 +370,10 @@ def test_file_key_follows_contents_not_path(tmp_path, monkeypatch):
     a.write_bytes(bytes(range(255, -1, -1)) * 64)
     os.utime(a, ns=(2, 2))
     assert file_key(a) != file_key(b)
+    # a model folder: by its files' contents
+    (b.parent / "config.json").write_text("{}")
+    before = file_key(b.parent)
+    shutil.copytree(b.parent, tmp_path / "c")
+    assert file_key(tmp_path / "c") == before
+    (b.parent / "config.json").write_text('{"x": 1}')
+    assert file_key(b.parent) != before

@@ -24,7 +24,11 @@ _digests: dict[str, str] = {}
 
 def content_digest(path: Path) -> str:
     """sha256 of the file, read once per (path, size, modification time) on this machine: remembered
-    under file-digests/ (hashing a 5 GB model takes seconds; looking it up, nothing)."""
+    under file-digests/ (hashing a 5 GB model takes seconds; looking it up, nothing). A folder (a
+    Hugging Face model): the digest of its files' names and digests."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return hashlib.sha256("".join(f"{p.name}:{content_digest(p)}\n" for p in files).encode()).hexdigest()
     stat = path.stat()
     identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     if identity in _digests:

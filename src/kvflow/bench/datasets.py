@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvflow.cache import cache_dir
+from kvflow.cache import cache_dir, content_digest
 from kvflow.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -218,13 +218,12 @@ class ShareGPT:
 
 def _cache_file(path: Path, tokenizer) -> Path | None:
     try:
-        stat = path.stat()
+        digest = content_digest(path)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         tok_id = backend.to_str() if backend is not None else repr(getattr(tokenizer, "name_or_path", type(tokenizer)))
     except Exception:
         return None
-    key = hashlib.sha256(f"{_CACHE_VERSION}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:".encode()
-                         + tok_id.encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_CACHE_VERSION}:{digest}:".encode() + tok_id.encode()).hexdigest()[:16]
     return cache_dir("datasets") / f"sharegpt-{key}.json"
 
 

@@ -319,7 +319,7 @@ def _gguf_config(meta: dict, arch: str, state: dict, freq_factors) -> ModelConfi
 
 def _gguf_tokenizer(path: Path, fields: dict):
     """transformers converts the GGUF vocabulary to a fast tokenizer (several seconds); the result
-    is cached beside the user's other caches, keyed by the file's identity."""
+    is cached beside the user's other caches, keyed by the file's contents."""
     from transformers import AutoTokenizer
     cache = cache_dir("tokenizers", file_key(path))
     try:
