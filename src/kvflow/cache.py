@@ -13,6 +13,15 @@ def cache_dir(*parts: str) -> Path:
     return Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow")).joinpath(*parts)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a cache file so that readers (other processes on this machine share the cache) see the
+    old contents or the whole new ones, never a part. Raises OSError (e.g. a read-only cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def file_key(path: Path, salt: str = "") -> str:
     """A short key for a file's contents: a changed file misses, and the same file installed anew
     (a fresh virtualenv: another path, another modification time) hits what was derived from it."""
@@ -45,10 +54,7 @@ def content_digest(path: Path) -> str:
                 h.update(chunk)
         digest = h.hexdigest()
         try:
-            index.parent.mkdir(parents=True, exist_ok=True)
-            tmp = index.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(digest)
-            os.replace(tmp, index)
+            write_atomic(index, digest)
         except OSError:  # a read-only cache: hash again next time
             pass
     _digests[identity] = digest

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from kvflow.cache import cache_dir
+from kvflow.cache import cache_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +86,7 @@ def _load_cache(path: Path) -> dict:
 
 def _save_cache(path: Path, data: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
     except OSError as e:
         logger.info("could not cache the kernel choice in %s: %s", path, e)
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from kvflow.cache import write_atomic
 from kvflow.layers import cpu_kernels, kernel_choice
 
 logger = logging.getLogger(__name__)
@@ -96,12 +97,8 @@ def _save(key: str, choice: str) -> None:
     _saved = None  # re-read
     saved = _saved_choices()
     saved[key] = choice
-    path = _path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(_path(), json.dumps(saved, indent=1, sort_keys=True))
     except OSError as e:  # a read-only cache: the choice still holds for this process
         logger.debug("op choices not saved: %s", e)
 
