@@ -258,9 +258,46 @@ def cmd_prefill(args) -> dict:
     cfg = llm.engine.model_config
     matmul_flops = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * n + 2 * cfg.vocab_size * cfg.hidden_size
     attn_flops = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * n  # QK^T + PV is 4 n^2 d; causal: half
+    with kernel_profile(args.device) as prof:
+        llm.generate(prompt, params)
+    phases = phase_times(llm, prompt, params, args.device)
+    from kvflow.layers import op_select
     return {"device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
             "load_s": load_s, "prompt_len": n, "ttft_s": min(ttfts), "ttfts_s": ttfts,
-            "flops": matmul_flops + attn_flops}
+            "flops": matmul_flops + attn_flops, "fresh_chunk_choices": {repr(k): v for k, v in op_select.decisions().items() if k[0] == "fresh_chunk_attention"},
+            "profile": prof.summary(1, flops=matmul_flops), "phases_ms": phases}
+
+
+def phase_times(llm, prompt: list[int], params, device: str) -> dict:
+    """One more request, with the engine's parts timed (ms) and the device synced around each:
+    where a TTFT goes besides the forward pass's kernels."""
+    eng, times = llm.engine, {}
+
+    def timed(obj, name, label):
+        real = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            sync(device)
+            t = time.perf_counter()
+            out = real(*a, **k)
+            sync(device)
+            times[label] = times.get(label, 0.0) + 1e3 * (time.perf_counter() - t)
+            return out
+        setattr(obj, name, wrapper)
+        return real
+
+    saved = [(obj, name, timed(obj, name, label)) for obj, name, label in (
+        (eng.scheduler, "schedule", "schedule"), (eng.runner, "_build_batch", "build_batch"),
+        (eng.runner.model, "forward", "forward"), (eng.runner.model, "compute_logits", "logits"),
+        (eng.runner, "execute", "execute"), (eng.scheduler, "update_from_output", "update"),
+        (eng.output_processor, "make_outputs", "outputs"))]
+    t = time.perf_counter()
+    out = llm.generate(prompt, params)
+    times["generate"] = 1e3 * (time.perf_counter() - t)
+    times["ttft"] = 1e3 * (out.metrics.first_token_time - out.metrics.arrival_time)
+    for obj, name, real in saved:
+        setattr(obj, name, real)
+    return times
 
 
 def _start_decoding(llm, prompts: list[list[int]], steps: int) -> None:
@@ -282,42 +319,60 @@ def _finish(llm) -> None:
 GEMM_KERNEL_WORDS = ("gemm", "xmma", "cutlass", "nvjet", "gemv")  # cuBLAS / CUTLASS kernel names
 
 
+class kernel_profile:
+    """torch.profiler around a block of `steps` engine steps (or one request): wall time, device busy
+    time (the gap is host work the GPU waits for), matmul time and the top kernels, per step."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.device = device
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else []))
+        self.prof.__enter__()
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.wall = time.perf_counter() - self.t0
+        self.prof.__exit__(*exc)
+
+    def summary(self, steps: int, flops: float) -> dict:
+        """flops: the matmul FLOPs of one step (for the matmul rate)."""
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        events = [e for e in self.prof.key_averages() if getattr(e, key) > 0]
+        kernels = [e for e in events if not self.cuda or e.device_type.name == "CUDA"]
+        top = sorted(kernels, key=lambda e: getattr(e, key), reverse=True)[:25]
+        gemm_s = sum(getattr(e, key) for e in kernels if any(w in e.key.lower() for w in GEMM_KERNEL_WORDS)) / 1e6
+        return {
+            "wall_ms_per_step": 1e3 * self.wall / steps,
+            "matmul_ms_per_step": 1e3 * gemm_s / steps,
+            "matmul_flops_per_s": flops * steps / gemm_s if gemm_s else None,
+            "device_busy_ms_per_step": sum(getattr(e, key) for e in kernels) / 1e3 / steps if self.cuda else None,
+            "top": [{"name": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps}
+                    for e in top]}
+
+
 def cmd_profile(args) -> dict:
-    """Where a decode step's time goes, at batch 1 and at bigger batches: wall time per step, device
-    busy time per step (the gap is host work the GPU waits for), and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where a decode step's time goes, at batch 1 and at bigger batches."""
     s = shapes(args)
     llm, _ = make_llm(args, s, max_num_seqs=4 * s["batch"])
-    cuda = args.device.startswith("cuda")
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     res: dict = {"device": args.device, "dtype": args.dtype}
     steps = 8 if args.smoke else 24
+    cfg = llm.engine.model_config
     for bs in (1, s["batch"], 4 * s["batch"]):
         prompts = random_prompts(bs, 64, 6)
         _start_decoding(llm, prompts, 4)  # warm-up: every graph bucket and kernel compiled
         _finish(llm)
         _start_decoding(llm, prompts, steps)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
-            sync(args.device)
-            t = time.perf_counter()
+        with kernel_profile(args.device) as prof:
             for _ in range(steps):
                 llm.engine.step()
-            sync(args.device)
-            wall = time.perf_counter() - t
         _finish(llm)
-        events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-        kernels = [e for e in events if not cuda or e.device_type.name == "CUDA"]
-        top = sorted(kernels, key=lambda e: getattr(e, key), reverse=True)[:25]
-        gemm_s = sum(getattr(e, key) for e in kernels if any(w in e.key.lower() for w in GEMM_KERNEL_WORDS)) / 1e6
-        cfg = llm.engine.model_config
-        res[f"batch_{bs}"] = {
-            "wall_ms_per_step": 1e3 * wall / steps,
-            "matmul_ms_per_step": 1e3 * gemm_s / steps,
-            "matmul_flops_per_s": 2 * cfg.num_params * bs * steps / gemm_s if gemm_s else None,
-            "device_busy_ms_per_step": sum(getattr(e, key) for e in kernels) / 1e3 / steps if cuda else None,
-            "top": [{"name": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps}
-                    for e in top]}
+        res[f"batch_{bs}"] = prof.summary(steps, flops=2 * cfg.num_params * bs)
     return res
 
 

@@ -145,19 +145,24 @@ def test_chunk_attention_strided_table():
 
 
 # ---------------- the backend over a real mixed batch ----------------
+@pytest.mark.parametrize("fresh_by_sdpa", [False, True], ids=["chunk-kernel", "sdpa-fresh"])
 @pytest.mark.parametrize("block_size", [8, 16])
-def test_triton_backend_equals_torch_backend(block_size):
-    """A step with two decodes and two prompt chunks (one with a cached prefix), through build_batch:
-    the triton backend gives the torch backend's output and leaves the same KV pool."""
+def test_triton_backend_equals_torch_backend(block_size, fresh_by_sdpa, monkeypatch):
+    """A step with two decodes and three prompt chunks (two with no cached prefix, one with), through
+    build_batch: the triton backend gives the torch backend's output and leaves the same KV pool,
+    whichever way it runs the prefix-free chunks (on a GPU that is measured; forced here)."""
     from kvflow.layers import attention
+    from kvflow.layers.triton import attention as triton_attention
     from kvflow.worker.model_runner import build_batch
+
+    monkeypatch.setattr(triton_attention, "_fresh_by_sdpa", lambda *args: fresh_by_sdpa)
 
     Hq, Hk, D, NB = 4, 2, 64, 32
     gen = torch.Generator().manual_seed(5)
     k_cache, v_cache = _pool(NB, block_size, Hk, D, torch.float32, gen)
     blocks = torch.randperm(NB, generator=gen).tolist()
-    items = [([1], 5, blocks[0:2]), ([1], 17, blocks[2:5]),
-             ([1] * 7, 0, blocks[5:7]), ([1] * 12, 2 * block_size + 1, blocks[7:12])]
+    items = [([1], 5, blocks[0:2]), ([1], 17, blocks[2:5]), ([1] * 7, 0, blocks[5:7]),
+             ([1] * 3, 0, blocks[12:13]), ([1] * 12, 2 * block_size + 1, blocks[7:12])]
     batch = build_batch(items, block_size, DEVICE)
     T = batch.input_ids.shape[0]
     q, k, v = (torch.randn(T, h, D, generator=gen).to(DEVICE) for h in (Hq, Hk, Hk))
@@ -170,6 +175,32 @@ def test_triton_backend_equals_torch_backend(block_size):
     assert torch.equal(kw, kg) and torch.equal(vw, vg)
     err = (got - want).abs().amax(dim=(1, 2))
     assert float(err.max()) < 2e-5, f"triton vs torch, max error per token: {err.tolist()}"
+
+
+def test_fresh_chunks_by_sdpa_padded_to_buckets():
+    """Prefix-free chunks through SDPA, each padded to its bucket length (a view over the next chunk's
+    rows where there is room, a padded copy at the end of the batch) = the reference over the pool."""
+    from kvflow.layers.triton.attention import fresh_chunk_attention, padded_length
+
+    Hq, Hk, D, BS = 4, 2, 32, 16
+    lens = [5, 300, 37]  # buckets 8 (a view), 512 (a copy: runs past the batch), 64 (a copy)
+    assert [padded_length(n) for n in lens] == [8, 512, 64]
+    starts = torch.tensor([0, 5, 305, 342])
+    T = int(starts[-1])
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hk, Hk))
+    blocks = [-(-n // BS) for n in lens]
+    tables = torch.zeros(len(lens), max(blocks), dtype=torch.long)
+    perm = torch.randperm(sum(blocks), generator=gen)
+    k_cache, v_cache = torch.zeros(sum(blocks), BS, Hk, D), torch.zeros(sum(blocks), BS, Hk, D)
+    for r, (n, nb) in enumerate(zip(lens, blocks)):
+        tables[r, :nb] = perm[sum(blocks[:r]):sum(blocks[:r]) + nb]
+        pos = torch.arange(n)
+        k_cache[tables[r, pos // BS], pos % BS] = k[int(starts[r]):int(starts[r]) + n]
+        v_cache[tables[r, pos // BS], pos % BS] = v[int(starts[r]):int(starts[r]) + n]
+    got = fresh_chunk_attention(q, k, v, starts.tolist(), D ** -0.5, torch.full_like(q, float("nan")))
+    want = chunk_attention_reference(q, k_cache, v_cache, tables, starts, torch.tensor(lens), D ** -0.5)
+    assert (got - want).abs().max().item() < 1e-5
 
 
 def test_backend_selection(monkeypatch):
@@ -227,6 +258,29 @@ def test_rotary_in_place_on_fused_qkv_view(dtype):
     assert got.data_ptr() == qkv.data_ptr() and torch.equal(qkv[:, (Hq + Hk) * D:], v_before)
     rtol = {torch.float32: 1e-5, torch.bfloat16: 2 * BF16_RTOL, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_and_write_kv(dtype):
+    """The fused kernel: q and k rotated in place exactly as rotary_ rotates them, the rotated k and
+    the untouched v written to their slots (scattered over non-contiguous blocks), no other slot touched."""
+    from kvflow.layers.rotary import RotaryEmbedding
+    from kvflow.layers.triton.rotary import rotary_and_write_kv_
+
+    T, Hq, Hk, D, NB, BS = 5, 12, 4, 64, 6, 4  # 20 heads: a full tile of 16 and a masked one
+    rope = RotaryEmbedding(D, 64, 10000.0, None)
+    tables = rope.cos_sin(torch.tensor([0, 3, 9, 21, 40]), dtype)
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(T, Hq + 2 * Hk, D, generator=gen).to(DEVICE, dtype)
+    k_cache, v_cache = _pool(NB, BS, Hk, D, dtype, gen)
+    slots = torch.tensor([22, 1, 13, 4, 17], device=DEVICE)
+    want_qk = rotary_(qkv[:, :Hq + Hk].clone(), tables.cos32.to(DEVICE), tables.sin32.to(DEVICE))
+    want_k, want_v = k_cache.clone().view(-1, Hk, D), v_cache.clone().view(-1, Hk, D)
+    want_k[slots], want_v[slots] = want_qk[:, Hq:], qkv[:, Hq + Hk:]
+    v_before = qkv[:, Hq + Hk:].clone()
+    rotary_and_write_kv_(qkv, Hq, Hk, tables.cos32.to(DEVICE), tables.sin32.to(DEVICE), k_cache, v_cache, slots)
+    assert torch.equal(qkv[:, :Hq + Hk], want_qk) and torch.equal(qkv[:, Hq + Hk:], v_before)
+    assert torch.equal(k_cache.view(-1, Hk, D), want_k) and torch.equal(v_cache.view(-1, Hk, D), want_v)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -38,6 +38,7 @@ class AttentionGroup:
     # Chunk group, varlen layout (the triton backend): request r's queries are flat rows
     # query_start_loc[r]:query_start_loc[r+1]; it attends its first seq_lens[r] cached positions.
     query_start_loc: torch.Tensor | None = None  # [B + 1] int
+    query_starts: list[int] | None = None  # the same on the host (no device sync to read them)
     seq_lens: torch.Tensor | None = None  # [B] int
     max_query_len: int = 0
     # Prompt chunks with no cached prefix (every request starts at position 0): they attend only to
@@ -99,6 +100,14 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "torch"
 
 
+def writes_kv_with_rotary(qkv: torch.Tensor, kv_cache, meta: AttentionMetadata) -> bool:
+    """Whether the layer rotates q and k and writes the step's keys and values into the pool in one
+    Triton kernel (layers/triton/rotary.py) and then calls paged_attention with kv_written=True: the
+    triton backend, on a cache in the compute dtype, for a contiguous fused qkv output."""
+    return (getattr(kv_cache, "scale", None) is None and qkv.is_contiguous()
+            and resolve_backend(meta.backend, qkv.device) == "triton")
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hk, D]
@@ -109,16 +118,18 @@ def paged_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, Hk] float32, int8 caches only
     v_scale: torch.Tensor | None = None,
+    kv_written: bool = False,  # the step's k and v are in the cache already (writes_kv_with_rotary)
 ) -> torch.Tensor:
     backend = resolve_backend(meta.backend, q.device)
     if backend == "triton" and any(g.tree for g in meta.groups):
         backend = "torch"  # the triton chunk kernel is causal: draft-tree masks go through SDPA
     if backend == "triton":
         from kvflow.layers.triton.attention import triton_paged_attention  # imports triton on first use
-        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale, kv_written)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    kv_quant.write(k_cache, k_scale, meta.slot_mapping, k)
-    kv_quant.write(v_cache, v_scale, meta.slot_mapping, v)
+    if not kv_written:
+        kv_quant.write(k_cache, k_scale, meta.slot_mapping, k)
+        kv_quant.write(v_cache, v_scale, meta.slot_mapping, v)
     gqa = num_kv_heads != q.shape[1]
     out = torch.empty_like(q)
     for g in meta.groups:

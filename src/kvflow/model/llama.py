@@ -11,7 +11,7 @@ from torch import nn
 
 from kvflow.config import ModelConfig
 from kvflow.layers.activation import silu_and_mul
-from kvflow.layers.attention import AttentionMetadata, paged_attention
+from kvflow.layers.attention import AttentionMetadata, paged_attention, writes_kv_with_rotary
 from kvflow.layers.linear import Linear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.quantized_linear import QuantizedTensor, cat_rows, install_quantized
@@ -31,12 +31,18 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, cos_sin, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, cos_sin, kv_cache, meta: AttentionMetadata, keep_rows: torch.Tensor | None = None):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
         cos, sin = cos_sin
-        if self.q_norm is None:  # rotate q and k in one pass: they sit side by side in qkv
+        kv_written = self.q_norm is None and writes_kv_with_rotary(qkv, kv_cache, meta)
+        if kv_written:  # one kernel rotates q and k in place and writes k and v into the pool
+            from kvflow.layers.triton.rotary import rotary_and_write_kv_
+            heads = rotary_and_write_kv_(qkv.view(T, -1, self.head_dim), self.num_heads, self.num_kv_heads,
+                                         cos_sin.cos32, cos_sin.sin32, kv_cache[0], kv_cache[1], meta.slot_mapping)
+            q, k = heads[:, :self.num_heads], heads[:, self.num_heads:self.num_heads + self.num_kv_heads]
+        elif self.q_norm is None:  # rotate q and k in one pass: they sit side by side in qkv
             qk = rotate_heads(qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos_sin)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         else:
@@ -45,8 +51,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         scales = getattr(kv_cache, "scale", None)  # int8 caches: per (token, head) scales
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
-                            *((None, None) if scales is None else (scales[0], scales[1])))
-        return self.o_proj(o.reshape(T, self.q_size))
+                            *((None, None) if scales is None else (scales[0], scales[1])), kv_written=kv_written)
+        o = o.reshape(T, self.q_size)
+        return self.o_proj(o if keep_rows is None else o[keep_rows])
 
 
 class MLP(nn.Module):
@@ -68,16 +75,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, cos_sin, kv_cache, meta):
+    def forward(self, x, residual, cos_sin, kv_cache, meta, keep_rows: torch.Tensor | None = None):
         """The residual stream is carried beside the layer output (as vLLM does) so that each add
         fuses into the norm after it: returns (mlp output, residual), and the caller's next norm adds
-        them. residual None: x is the embedding, the first layer's residual."""
+        them. residual None: x is the embedding, the first layer's residual. keep_rows: every token's
+        keys and values are written, but only these rows go on past attention."""
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos_sin, kv_cache, meta)
+        h = self.self_attn(h, cos_sin, kv_cache, meta, keep_rows)
+        if keep_rows is not None:
+            residual = residual[keep_rows]
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -96,24 +106,29 @@ class LlamaForCausalLM(nn.Module):
         self.fused_decode: FusedDecodeStep | None = None  # set by enable_fused_decode
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, num_layers: int | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, num_layers: int | None = None,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [T, hidden] for a flat batch of T tokens. `num_layers` stops early
-        (layer_skip self-speculation drafts with the first layers and the same norm and head)."""
+        (layer_skip self-speculation drafts with the first layers and the same norm and head).
+        keep_rows: only these tokens' hidden states are wanted ([len(keep_rows), hidden] comes back):
+        the last layer runs its output projection and MLP on them alone (an 8k-token prompt chunk
+        that samples one token skips 1/num_layers of its matmuls)."""
         def layer_by_layer():
-            return self._forward_layers(input_ids, positions, kv_caches, meta, num_layers)
+            return self._forward_layers(input_ids, positions, kv_caches, meta, num_layers, keep_rows)
 
         if self.fused_decode is not None:
             out = self.fused_decode.maybe_run(input_ids, positions, kv_caches, meta, num_layers, layer_by_layer)
             if out is not None:
-                return out
+                return out if keep_rows is None else out[keep_rows]
         return layer_by_layer()
 
-    def _forward_layers(self, input_ids, positions, kv_caches, meta, num_layers):
+    def _forward_layers(self, input_ids, positions, kv_caches, meta, num_layers, keep_rows=None):
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         residual = None
-        for layer, kv_cache in zip(self.layers[:num_layers], kv_caches):
-            x, residual = layer(x, residual, cos_sin, kv_cache, meta)
+        layers = self.layers[:num_layers]
+        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
+            x, residual = layer(x, residual, cos_sin, kv_cache, meta, keep_rows if i == len(layers) - 1 else None)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     def enable_fused_decode(self) -> bool:

@@ -1,8 +1,8 @@
 """CUDA graphs for decode-only steps (vLLM's idea): a batch of B one-token requests launches the same
 few hundred kernels every step, so on a GPU the launches, not the math, bound small batches. The
 forward pass is captured once per batch-size bucket (1, 2, 4, 8, ... up to max_num_seqs) into static
-buffers at start-up; a step copies its inputs into the buffers (one host-to-device copy from pinned
-memory), pads to the next bucket, and replays. Steps with prompt chunks or drafts run eagerly.
+buffers at start-up; a step copies its inputs into the buffers (two host-to-device copies from pinned
+memory: the per-row fields, and the bucket's block tables), pads to the next bucket, and replays. Steps with prompt chunks or drafts run eagerly.
 
 Padding rows write their keys and values into a scratch block the block pool never hands out, and
 attend to that one slot, so they touch no request's KV."""
@@ -80,7 +80,7 @@ class DecodeGraphs:
             h.tables[i, :len(table)] = torch.tensor(table[:self.max_blocks])
         h.slots[:n] = h.tables[torch.arange(n), pos // bs] * bs + pos % bs
         self._fill_padding(n, b)
-        self.static.flat.copy_(h.flat, non_blocking=True)
+        self.static.copy_rows_(h, b)
         if b not in self.graphs:  # not captured (a CPU test of the buffers): the same forward, eagerly
             return self._forward(b)[:n]
         graph, out = self.graphs[b]
@@ -102,5 +102,12 @@ class _StepBuffer:
 
     def __init__(self, n: int, max_blocks: int, device: torch.device, pin: bool = False):
         self.flat = torch.zeros(n * (4 + max_blocks), dtype=torch.long, device=device, pin_memory=pin)
-        self.token_ids, self.positions, self.slots, self.ctx_lens = self.flat[:4 * n].view(4, n)
+        self.head = self.flat[:4 * n]
+        self.token_ids, self.positions, self.slots, self.ctx_lens = self.head.view(4, n)
         self.tables = self.flat[4 * n:].view(n, max_blocks)
+
+    def copy_rows_(self, src: "_StepBuffer", b: int) -> None:
+        """The per-row fields and the first b block tables (a bucket-b graph reads no more) from src:
+        two copies, not the whole buffer (a table row is max_model_len / block_size entries)."""
+        self.head.copy_(src.head, non_blocking=True)
+        self.tables[:b].copy_(src.tables[:b], non_blocking=True)

@@ -100,7 +100,8 @@ def _chunk_group(rows, lens_t, first_token, ctx_lens, tables, positions, bs: int
     group = _group(index, valid, tables[rows, :(ctx + bs - 1) // bs], positions[index], bs, device)
     group.causal_fresh = causal_fresh
     # varlen layout (the triton backend): the rows' chunks back to back in the flat batch
-    group.query_start_loc = torch.cat([m_first, m_first[-1:] + m_lens[-1:]]).to(device)
+    starts = torch.cat([m_first, m_first[-1:] + m_lens[-1:]])
+    group.query_start_loc, group.query_starts = starts.to(device), starts.tolist()
     group.seq_lens, group.max_query_len = ctx_lens[rows].to(device), int(m_lens.max())
     return group
 
@@ -225,11 +226,20 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # single tokens first, then prompt chunks with no cached prefix, then the rest (stable)
         items = sorted(sched.scheduled, key=lambda s: (s.num_new_tokens > 1, s.start > 0))
-        hidden, last_token = self._forward(items)
+        graphed = (self.graphs is not None and self.graphs.can_run(len(items))
+                   and all(s.num_new_tokens == 1 for s in items))
+        batch = None if graphed else self._build_batch(items)
+        last_token = list(range(len(items))) if graphed else batch.last_token.tolist()
         sampled = [(i, s) for i, s in enumerate(items) if s.samples]
         rows, sampling_rows = self.prepare_sample(sampled, last_token)
         prompt_rows = self._prompt_logprob_rows(items, last_token, rows)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        keep = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if graphed:
+            hidden = self.graphs.run([s.token_ids[0] for s in items], [s.start for s in items],
+                                     [s.request.block_ids for s in items])[keep]
+        else:  # the last layer computes only the rows that get logits (a prompt chunk needs one)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, keep_rows=keep)
+        logits = self.model.compute_logits(hidden)
         n = len(sampling_rows)
         out = ModelRunnerOutput(sample_logits=logits[:n] if n else None)
         if n:
@@ -241,17 +251,12 @@ class ModelRunner:
             offset += count
         return out
 
-    def _forward(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
-        """Hidden states of the step's tokens, and the flat index of each item's last token."""
-        if self.graphs is not None and self.graphs.can_run(len(items)) and all(s.num_new_tokens == 1 for s in items):
-            hidden = self.graphs.run([s.token_ids[0] for s in items], [s.start for s in items],
-                                     [s.request.block_ids for s in items])
-            return hidden, list(range(len(items)))
+    def _build_batch(self, items: list[ScheduledRequest]) -> Batch:
         trees = [s.spec_parents for s in items] if any(s.spec_parents for s in items) else None
         batch = build_batch([(s.token_ids, s.start, s.request.block_ids) for s in items], self.block_size, self.device,
                             trees)
         batch.meta.backend = self.attention_backend
-        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta), batch.last_token.tolist()
+        return batch
 
     @staticmethod
     def prepare_sample(sampled: list[tuple[int, ScheduledRequest]], last_token: list[int]) -> tuple[list[int], list[SamplingRow]]:
