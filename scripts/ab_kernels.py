@@ -5,7 +5,10 @@ commit's, built by `PYTHONPATH=<old checkout>/src python -c "from kvflow.layers 
 print(cpu_kernels.kernels())"` (it prints the library's path).
 Usage (under the CPU lock): PYTHONPATH=src python scripts/ab_kernels.py OTHER.so int8|int4|bf16 [TOKENS ...]
 Prints, per step size, the median ms of the other build and of this one, with the plain kernels and
-with AMX tiles where the CPU has them (a step of TOKENS tokens at context 200)."""
+with AMX tiles where the CPU has them (a step of TOKENS tokens at context 200: one request's chunk).
+AB_REQUESTS=R AB_CONTEXT=C: R requests with C tokens of context each (their own blocks), TOKENS each
+(a batch verifying TOKENS - 1 drafts per request)."""
+import os
 import ctypes
 import statistics
 import sys
@@ -30,12 +33,14 @@ amx_sides = (False, True) if ours.fused_use_amx(0) else (False,)
 
 llm = LLM("smollm2-135m", **({"dtype": "bfloat16"} if kind == "bf16" else {"quantization": kind}))
 runner, pool = llm.engine.runner, llm.engine.block_pool
-probe = Request("probe", [0], SamplingParams(), 0.0)
-assert pool.allocate_slots(probe, 200 + max(sizes))
+requests, context = int(os.environ.get("AB_REQUESTS", 1)), int(os.environ.get("AB_CONTEXT", 200))
+probes = [Request(f"probe{r}", [0], SamplingParams(), 0.0) for r in range(requests)]
+assert all(pool.allocate_slots(probe, context + max(sizes)) for probe in probes)
 times: dict[tuple, list[float]] = {}
 with torch.inference_mode():
     for n in sizes:
-        batch = build_batch([([11] * n, 200, probe.block_ids)], runner.block_size, runner.device)
+        batch = build_batch([([11] * n, context, probe.block_ids) for probe in probes], runner.block_size,
+                            runner.device)
         for amx in amx_sides:
             for _ in range(7):
                 for name, lib in (("other", other), ("this", ours)):
@@ -45,8 +50,8 @@ with torch.inference_mode():
                                                   None, amx)
                     times.setdefault((n, amx, name), []).append(time.perf_counter() - started)
 cpu_kernels._lib = ours
-print(f"{kind}: C step ms at context 200, other build / this one")
+print(f"{kind}: C step ms, {requests} request(s) at context {context}, other build / this one")
 for n in sizes:
-    print(f"{n:4d} tokens  " + "  ".join(
+    print(f"{n:4d} tokens each  " + "  ".join(
         f"{'AMX' if amx else 'plain'} {statistics.median(times[n, amx, 'other']) * 1e3:.1f} / "
         f"{statistics.median(times[n, amx, 'this']) * 1e3:.1f}" for amx in amx_sides))

@@ -125,6 +125,35 @@ def test_decode_kernel_reads_quantized_cache(monkeypatch, cache_dtype, q_dtype):
     assert float(err.max()) < tol, f"kernel vs torch path, max error per token: {err.tolist()}"
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+def test_decode_kernel_rows_of_one_request_share_a_pass(cache_dtype):
+    """Rows that read the same blocks (a request's verify chunk in the C step) are attended in one pass
+    over the keys, each masking the keys past its own length: bit for bit the result of each row alone."""
+    Hq, Hk, D, BS, NB = 6, 2, 64, 16, 24
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache = torch.zeros(NB, BS, Hk, D, dtype=cache_dtype), torch.zeros(NB, BS, Hk, D, dtype=cache_dtype)
+    ks = vs = None
+    if cache_dtype == torch.int8:
+        ks, vs = torch.zeros(NB, BS, Hk), torch.zeros(NB, BS, Hk)
+    slots = torch.arange(NB * BS)
+    for cache, scale in ((k_cache, ks), (v_cache, vs)):
+        kv_quant.write(cache, scale, slots, torch.randn(NB * BS, Hk, D, generator=gen))
+    a, b, c = [5, 0, 9], [3, 14], [20, 7, 1, 12]  # block tables of three requests (not contiguous)
+    # request a: a chain of 4 rows crossing a block boundary; b: one decode; c: 2 rows, then 1 row
+    # again after b (not adjacent: its own pass); d: another request whose table starts like a's
+    rows = [(a, 30), (a, 31), (a, 32), (a, 33), (b, 20), (c, 50), (c, 51), (b, 21), (c, 52), (a[:2] + [17], 33)]
+    width = 4
+    tables = torch.tensor([t + [0] * (width - len(t)) for t, _ in rows])
+    ctx = torch.tensor([n for _, n in rows])
+    q = torch.randn(len(rows), Hq, D, generator=gen)
+    if not cpu_kernels.can_run_decode(q, k_cache):
+        pytest.skip("the CPU decode kernel is not available here (no C compiler)")
+    together = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, ks, vs)
+    for i in range(len(rows)):
+        alone = cpu_kernels.paged_decode(q[i:i + 1], k_cache, v_cache, tables[i:i + 1], ctx[i:i + 1], D ** -0.5, ks, vs)
+        assert torch.equal(together[i], alone[0]), f"row {i}"
+
+
 # ---------------- the engine, against float32 ----------------
 # Bounds on |logprob of a token - float32's logprob of the same token after the same prefix|
 # (mean over tokens, worst token), measured on these prompts with margin: the mean is what

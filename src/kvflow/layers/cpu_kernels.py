@@ -33,7 +33,7 @@ _DECODE_CACHE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float8_e4m3
 
 # -ffp-contract=off: a * b + c stays two roundings unless a kernel asks for a fused multiply-add, so the
 # AMX and plain int8 epilogues (and the C step and torch) round alike
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-Werror=implicit-function-declaration", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _compiler() -> str | None:

@@ -2,6 +2,9 @@
  * The torch fallback gathers every request's blocks into a padded copy first; this reads each key
  * and value once. One (request, kv head) pair per OpenMP task; the g = Hq / Hk query heads that
  * share a kv head are computed together, one block of keys at a time, with a running softmax.
+ * Consecutive rows that read the same blocks (one request's verify chunk or draft tree in the C
+ * step) are one task too: each key is read once for all of them, and each row masks the keys past
+ * its own length, so its result is bit for bit what it would be alone (masked keys add exact zeros).
  *
  * The cache may be stored in another precision than the queries (kv_cache_dtype): float32,
  * bfloat16, float8 e4m3 (no scale) or int8 with one float32 scale per (token, kv head), kept in
@@ -16,6 +19,7 @@
 #include <omp.h>
 #endif
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -42,16 +46,25 @@ static inline float i8_to_f32(int8_t x) { return (float)x; }
 #define MAX_D 256
 #define MAX_BS 64
 
-/* Per (request, kv head): its g query heads qf [g][D], already multiplied by the softmax scale, in;
- * their attention outputs out [g][D] (float32) out. `table` is the request's row of block ids. */
-#define HEAD_ARGS const float (*qf)[MAX_D], const int64_t* table, int64_t n, int h, int hn, int g, int Hk, int D, \
-    int BS, const float* k_scale, const float* v_scale, int64_t tree_start, uint64_t tree_bits, float (*out)[MAX_D]
+/* Per task: `rows` query rows reading the same blocks (`table`), each with hn kv heads from h on and
+ * their g query heads: query vector (r * hn + hh) * g + i in qf [.][D], already multiplied by the
+ * softmax scale; the outputs out [.][D] (float32) in the same order. Row r sees keys [0, n_of[r]),
+ * less the draft-tree keys it does not descend from (ts_of, tb_of). */
+#define HEAD_ARGS const float (*qf)[MAX_D], const int64_t* table, int rows, const int64_t* n_of,            \
+    const int64_t* ts_of, const uint64_t* tb_of, int h, int hn, int g, int Hk, int D, int BS,              \
+    const float* k_scale, const float* v_scale, float (*out)[MAX_D]
 
 /* Draft trees: a node sees every key before tree_start (the committed context) and, past it, only its
  * ancestors and itself (bit p - tree_start of tree_bits set). Rows that are not tree nodes pass
  * tree_start = n. The first key is always visible, so every running max is finite after one block. */
-static inline int hidden_key(int64_t p, int64_t tree_start, uint64_t tree_bits) {
-    return p >= tree_start && (p - tree_start >= 64 || !((tree_bits >> (p - tree_start)) & 1));
+static inline int hidden_key(int64_t p, int64_t n, int64_t tree_start, uint64_t tree_bits) {
+    return p >= n || (p >= tree_start && (p - tree_start >= 64 || !((tree_bits >> (p - tree_start)) & 1)));
+}
+
+static int64_t longest(const int64_t* n_of, int rows) {
+    int64_t n = 0;
+    for (int r = 0; r < rows; r++) n = n_of[r] > n ? n_of[r] : n;
+    return n;
 }
 
 /* 16 independent partial sums, so the compiler vectorises without reassociating (no -ffast-math). */
@@ -70,7 +83,10 @@ static inline float dot16(const float* restrict a, const float* restrict b, int 
 #define DEFINE_HEAD_SCALAR(NAME, CT, CLOAD)                                                              \
 static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {                                      \
     float acc[MAX_G][MAX_D], m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS], kf[MAX_D], vf[MAX_D];                 \
-    for (int i = 0; i < g; i++) {                                                                        \
+    const int gt = rows * g;  /* the scalar path takes one kv head per task (hn = 1) */                  \
+    const int64_t n = longest(n_of, rows);                                                               \
+    (void)hn;                                                                                            \
+    for (int i = 0; i < gt; i++) {                                                                       \
         for (int d = 0; d < D; d++) acc[i][d] = 0.f;                                                     \
         m[i] = -INFINITY; l[i] = 0.f;                                                                    \
     }                                                                                                    \
@@ -82,10 +98,13 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
             const CT* kp = k_cache + row * D;                                                            \
             for (int d = 0; d < D; d++) kf[d] = CLOAD(kp[d]);                                            \
             const float ks = k_scale ? k_scale[row] : 1.f;                                               \
-            const int hidden = hidden_key(start + j, tree_start, tree_bits);                             \
-            for (int i = 0; i < g; i++) s[i][j] = hidden ? -INFINITY : dot16(qf[i], kf, D) * ks;         \
+            for (int r = 0; r < rows; r++) {                                                             \
+                const int hidden = hidden_key(start + j, n_of[r], ts_of[r], tb_of[r]);                   \
+                for (int i = r * g; i < (r + 1) * g; i++)                                                \
+                    s[i][j] = hidden ? -INFINITY : dot16(qf[i], kf, D) * ks;                             \
+            }                                                                                            \
         }                                                                                                \
-        for (int i = 0; i < g; i++) {                                                                    \
+        for (int i = 0; i < gt; i++) {                                                                   \
             float mx = m[i];                                                                             \
             for (int j = 0; j < cnt; j++) mx = s[i][j] > mx ? s[i][j] : mx;                              \
             const float corr = expf(m[i] - mx);                                                          \
@@ -99,13 +118,13 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
             const CT* vp = v_cache + row * D;                                                            \
             for (int d = 0; d < D; d++) vf[d] = CLOAD(vp[d]);                                            \
             const float vs = v_scale ? v_scale[row] : 1.f;                                               \
-            for (int i = 0; i < g; i++) {                                                                \
+            for (int i = 0; i < gt; i++) {                                                               \
                 const float p = s[i][j] * vs;                                                            \
                 for (int d = 0; d < D; d++) acc[i][d] += p * vf[d];                                      \
             }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
-    for (int i = 0; i < g; i++) {                                                                        \
+    for (int i = 0; i < gt; i++) {                                                                       \
         const float inv = 1.f / l[i];                                                                    \
         for (int d = 0; d < D; d++) out[i][d] = acc[i][d] * inv;                                         \
     }                                                                                                    \
@@ -139,9 +158,11 @@ static inline __m512 load16_i8(const int8_t* p) {
  * used for all g query heads; the softmax of a block of scores runs 16 lanes at a time. */
 #define DEFINE_HEAD_AVX512(NAME, CT, LOAD16)                                                             \
 static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {                                      \
-    const int nd = D / 16, gt = g * hn;                                                                  \
+    const int nd = D / 16, gh = g * hn, gt = rows * gh;                                                  \
+    const int64_t n = longest(n_of, rows);                                                               \
     __m512 acc[MAX_G][MAX_D / 16], row[MAX_D / 16];                                                      \
     float m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS] __attribute__((aligned(64)));                             \
+    int hidden[MAX_G];                                                                                   \
     for (int i = 0; i < gt; i++) {                                                                       \
         for (int c = 0; c < nd; c++) acc[i][c] = _mm512_setzero_ps();                                    \
         m[i] = -INFINITY; l[i] = 0.f;                                                                    \
@@ -152,17 +173,19 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
         const int64_t next = start + BS < n ? table[start / BS + 1] : block;                             \
         for (int j = 0; j < cnt; j++) {                                                                  \
             prefetch_row(k_cache + ((next * BS + j) * Hk + h) * D, hn * D * (int)sizeof(CT));            \
+            for (int r = 0; r < rows; r++) hidden[r] = hidden_key(start + j, n_of[r], ts_of[r], tb_of[r]); \
             for (int hh = 0; hh < hn; hh++) {                                                            \
-                const int64_t r = (block * BS + j) * Hk + h + hh;                                        \
-                const CT* kp = k_cache + r * D;                                                          \
+                const int64_t kr = (block * BS + j) * Hk + h + hh;                                       \
+                const CT* kp = k_cache + kr * D;                                                         \
                 for (int c = 0; c < nd; c++) row[c] = LOAD16(kp + 16 * c);                               \
-                const float ks = k_scale ? k_scale[r] : 1.f;                                             \
-                const int hidden = hidden_key(start + j, tree_start, tree_bits);                         \
-                for (int i = hh * g; i < (hh + 1) * g; i++) {                                            \
-                    __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qf[i]), row[0]);                          \
-                    for (int c = 1; c < nd; c++)                                                         \
-                        dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + 16 * c), row[c], dot);             \
-                    s[i][j] = hidden ? -INFINITY : _mm512_reduce_add_ps(dot) * ks;                       \
+                const float ks = k_scale ? k_scale[kr] : 1.f;                                            \
+                for (int r = 0; r < rows; r++) {                                                         \
+                    for (int i = r * gh + hh * g; i < r * gh + (hh + 1) * g; i++) {                      \
+                        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qf[i]), row[0]);                      \
+                        for (int c = 1; c < nd; c++)                                                     \
+                            dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + 16 * c), row[c], dot);         \
+                        s[i][j] = hidden[r] ? -INFINITY : _mm512_reduce_add_ps(dot) * ks;                \
+                    }                                                                                    \
                 }                                                                                        \
             }                                                                                            \
         }                                                                                                \
@@ -185,13 +208,15 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
         for (int j = 0; j < cnt; j++) {                                                                  \
             prefetch_row(v_cache + ((next * BS + j) * Hk + h) * D, hn * D * (int)sizeof(CT));            \
             for (int hh = 0; hh < hn; hh++) {                                                            \
-                const int64_t r = (block * BS + j) * Hk + h + hh;                                        \
-                const CT* vp = v_cache + r * D;                                                          \
+                const int64_t vr = (block * BS + j) * Hk + h + hh;                                       \
+                const CT* vp = v_cache + vr * D;                                                         \
                 for (int c = 0; c < nd; c++) row[c] = LOAD16(vp + 16 * c);                               \
-                const float vs = v_scale ? v_scale[r] : 1.f;                                             \
-                for (int i = hh * g; i < (hh + 1) * g; i++) {                                            \
-                    const __m512 p = _mm512_set1_ps(s[i][j] * vs);                                       \
-                    for (int c = 0; c < nd; c++) acc[i][c] = _mm512_fmadd_ps(p, row[c], acc[i][c]);      \
+                const float vs = v_scale ? v_scale[vr] : 1.f;                                            \
+                for (int r = 0; r < rows; r++) {                                                         \
+                    for (int i = r * gh + hh * g; i < r * gh + (hh + 1) * g; i++) {                      \
+                        const __m512 p = _mm512_set1_ps(s[i][j] * vs);                                   \
+                        for (int c = 0; c < nd; c++) acc[i][c] = _mm512_fmadd_ps(p, row[c], acc[i][c]);  \
+                    }                                                                                    \
                 }                                                                                        \
             }                                                                                            \
         }                                                                                                \
@@ -228,27 +253,65 @@ static int heads_per_task(int B, int Hk, int g, int vector) {
     return hn;
 }
 
+/* Splits rows [0, B) into runs of consecutive rows that read the same blocks (their table rows agree
+ * over every block the run reads), at most `cap` rows each; writes the runs' first rows and B to
+ * first[], returns the number of runs. Different requests' rows almost always differ at the first
+ * block compared; equal ones (samples that share a prompt) may share a pass too: it reads the same keys. */
+static int group_rows(const int64_t* tables, const int64_t* ctx_lens, int B, int max_blocks, int BS, int cap,
+                      int* first) {
+    int runs = 0;
+    for (int b = 0; b < B;) {
+        const int b0 = b;
+        int64_t n = ctx_lens[b];
+        first[runs++] = b++;
+        while (b < B && b - b0 < cap) {
+            const int64_t n2 = ctx_lens[b] > n ? ctx_lens[b] : n;
+            const int64_t blocks = (n2 + BS - 1) / BS;
+            if (memcmp(tables + (int64_t)b0 * max_blocks, tables + (int64_t)b * max_blocks, sizeof(int64_t) * blocks))
+                break;
+            n = n2;
+            b++;
+        }
+    }
+    first[runs] = B;
+    return runs;
+}
+
 /* QT: query/output element type; CT: cache element type. */
 #define DEFINE_KERNEL(NAME, QT, QLOAD, QSTORE, CT, CTNAME)                                               \
 void NAME(const QT* q, const CT* k_cache, const CT* v_cache, const int64_t* tables, const int64_t* ctx_lens, \
           QT* out, int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale,                    \
           const float* k_scale, const float* v_scale, const int64_t* tree_start, const int64_t* tree_bits) { \
-    const int g = Hq / Hk, hn = heads_per_task(B, Hk, g, VECTOR(D)), gt = g * hn;                        \
+    const int g = Hq / Hk, hn = heads_per_task(B, Hk, g, VECTOR(D)), gh = g * hn;                        \
+    int* first = (int*)malloc(sizeof(int) * (B + 1));                                                    \
+    if (!first) return;                                                                                  \
+    const int runs = group_rows(tables, ctx_lens, B, max_blocks, BS, MAX_G / gh, first);                 \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                         \
-    for (int b = 0; b < B; b++) {                                                                        \
+    for (int run = 0; run < runs; run++) {                                                               \
         for (int h = 0; h < Hk; h += hn) {                                                               \
             float qf[MAX_G][MAX_D] __attribute__((aligned(64))), o[MAX_G][MAX_D] __attribute__((aligned(64))); \
-            const QT* qp = q + ((int64_t)b * Hq + h * g) * D;                                            \
-            for (int i = 0; i < gt; i++)                                                                 \
-                for (int d = 0; d < D; d++) qf[i][d] = QLOAD(qp[i * D + d]) * scale;                     \
-            HEAD(CTNAME)(k_cache, v_cache, (const float (*)[MAX_D])qf, tables + (int64_t)b * max_blocks, \
-                         ctx_lens[b], h, hn, g, Hk, D, BS, k_scale, v_scale,                             \
-                         tree_start ? tree_start[b] : ctx_lens[b], tree_start ? (uint64_t)tree_bits[b] : 0, o); \
-            QT* op = out + ((int64_t)b * Hq + h * g) * D;                                                \
-            for (int i = 0; i < gt; i++)                                                                 \
-                for (int d = 0; d < D; d++) op[i * D + d] = QSTORE(o[i][d]);                             \
+            int64_t n_of[MAX_G], ts_of[MAX_G];                                                           \
+            uint64_t tb_of[MAX_G];                                                                       \
+            const int b0 = first[run], rows = first[run + 1] - b0;                                       \
+            for (int r = 0; r < rows; r++) {                                                             \
+                const int b = b0 + r;                                                                    \
+                n_of[r] = ctx_lens[b];                                                                   \
+                ts_of[r] = tree_start ? tree_start[b] : ctx_lens[b];                                     \
+                tb_of[r] = tree_start ? (uint64_t)tree_bits[b] : 0;                                      \
+                const QT* qp = q + ((int64_t)b * Hq + h * g) * D;                                        \
+                for (int i = 0; i < gh; i++)                                                             \
+                    for (int d = 0; d < D; d++) qf[r * gh + i][d] = QLOAD(qp[i * D + d]) * scale;        \
+            }                                                                                            \
+            HEAD(CTNAME)(k_cache, v_cache, (const float (*)[MAX_D])qf, tables + (int64_t)b0 * max_blocks, \
+                         rows, n_of, ts_of, tb_of, h, hn, g, Hk, D, BS, k_scale, v_scale, o);             \
+            for (int r = 0; r < rows; r++) {                                                             \
+                QT* op = out + ((int64_t)(b0 + r) * Hq + h * g) * D;                                     \
+                for (int i = 0; i < gh; i++)                                                             \
+                    for (int d = 0; d < D; d++) op[i * D + d] = QSTORE(o[r * gh + i][d]);                \
+            }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
+    free(first);                                                                                         \
 }
 
 /* name: paged_decode_<query dtype>_<cache dtype> */
