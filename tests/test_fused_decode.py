@@ -194,3 +194,21 @@ def test_start_up_chooses_every_step_size_once(tiny_dirs, monkeypatch, tmp_path)
     monkeypatch.setattr(op_select, "_saved", None)
     _engine(tiny_dirs["llama"])
     assert not [k for k in saved if k.startswith("('fused")]
+
+
+def test_one_side_runs_every_step_size(tiny_dirs, monkeypatch):
+    """Once every size class is timed, the side that won most classes runs all of them (the two sides
+    round differently: a request's greedy tokens must not depend on the size of its step)."""
+    monkeypatch.delenv("KVFLOW_FUSED_OPS", raising=False)
+    fused = _engine(tiny_dirs["llama"]).engine.runner.model.fused_decode
+    monkeypatch.setattr(fused, "_votes", {})
+    classes = [1 << i for i in range(8)]
+    choices = {fused._head_key(c): "torch" if c == 4 else "c" for c in classes}  # 7 of 8 classes: C
+    monkeypatch.setattr(op_select, "_choice", dict(choices))
+    never = lambda: pytest.fail("a timed class is not timed again")  # noqa: E731
+    assert fused._runs_in_c(fused._head_key, fused._head_key(4), never)  # the class that timed torch faster
+    monkeypatch.setattr(fused, "_votes", {})
+    monkeypatch.setattr(op_select, "_choice", {k: "torch" if c > 2 else "c" for c, k in zip(classes, choices)})
+    assert not fused._runs_in_c(fused._head_key, fused._head_key(1), never)  # 6 of 8: torch for all
+    monkeypatch.setenv("KVFLOW_FUSED_OPS", "c")  # a forced side still wins
+    assert fused._runs_in_c(fused._head_key, fused._head_key(8), never)

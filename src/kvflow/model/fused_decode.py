@@ -76,6 +76,7 @@ class FusedDecodeStep:
         cfg = model.config
         self.model = model
         self.keep: list[torch.Tensor] = []  # float32 norms and weight row sums the C structs point at
+        self._votes: dict[tuple, bool] = {}  # per family of size-class keys: C for all, once all are timed
         self.layers = (_Layer * cfg.num_layers)()
         for c_layer, layer in zip(self.layers, model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -143,7 +144,7 @@ class FusedDecodeStep:
             return {"c": lambda: self.run(input_ids, positions, kv_caches, meta, num_layers),
                     "torch": lambda: layer_by_layer()}
 
-        if op_select.choose(key, candidates, reps=2) != "c":
+        if not self._runs_in_c(lambda rows: self._step_key(rows, kv_caches[0][0].dtype), key, candidates):
             return None
         return self.run(input_ids, positions, kv_caches, meta, num_layers)
 
@@ -154,9 +155,25 @@ class FusedDecodeStep:
             return None
         x = hidden.float().contiguous()
         candidates = {"c": lambda: self.run_head(x), "torch": in_torch}
-        if op_select.choose(self._head_key(M), lambda: candidates, reps=2) != "c":
+        if not self._runs_in_c(self._head_key, self._head_key(M), lambda: candidates):
             return None
         return self.run_head(x)
+
+    def _runs_in_c(self, key_of, key: tuple, candidates) -> bool:
+        """Whether the C side runs this step (or head). Each size class is timed; once every class
+        is, the side that won most of them runs them all: the two sides round differently, and a
+        request's logits must not depend on the size of the step that computed them (greedy output
+        with speculation, or in a batch, equals greedy output alone)."""
+        own = op_select.choose(key, candidates, reps=2) == "c"
+        if op_select.mode() != "measure":  # a side forced (KVFLOW_FUSED_OPS)
+            return own
+        keys = tuple(key_of(1 << i) for i in range(MAX_ROWS.bit_length()))
+        vote = self._votes.get(keys)
+        if vote is None:
+            if not all(op_select.known(k) for k in keys):
+                return own
+            vote = self._votes[keys] = 2 * sum(op_select.choose(k, None) == "c" for k in keys) >= len(keys)
+        return vote
 
     def _step_key(self, rows: int, cache_dtype: torch.dtype) -> tuple:
         return ("fused_decode", self.step.H, len(self.layers), self.layers[0].qkv.kind, cache_dtype,
