@@ -232,9 +232,9 @@ def _compare_rows(rows: dict, key: str) -> None:
 def _run_rows(llm, methods: dict, run, key: str, rounds: int, warmup: list[int], output_len: int,
               label: str) -> dict:
     """The no-spec row and each method's, `rounds` times in turn, so that the machine's drift lands
-    on every row alike rather than on whichever ran during a slow minute. A row reports its median
-    round (for no-spec: by `key`; for a method: by its ratio to the same round's no-spec), the
-    median ratio, every round's ratio, and the fewest outputs equal to no-spec's in any round."""
+    on every row alike rather than on whichever ran during a slow minute. A row reports the median of
+    `key` over its rounds, the median of its per-round ratios to the same round's no-spec (with the
+    speculation stats of that round), every round's ratio, and the fewest outputs equal to no-spec's."""
     rounds_rows = []
     for r in range(rounds):
         rows = {}
@@ -249,8 +249,10 @@ def _run_rows(llm, methods: dict, run, key: str, rounds: int, warmup: list[int],
         runs = [rows[name] for rows in rounds_rows]
         by = "ratio" if name != "no-spec" and all(row["ratio"] is not None for row in runs) else key
         ordered = sorted(runs, key=lambda row: row[by] or 0.0)
+        values = sorted(row[key] or 0.0 for row in runs)
         merged[name] = dict(ordered[(len(ordered) - 1) // 2], round_ratios=[row["ratio"] for row in runs],
                             same_tokens=min(row["same_tokens"] for row in runs))
+        merged[name][key] = values[(len(values) - 1) // 2]
     return merged
 
 
@@ -359,6 +361,9 @@ def format_spec_result(res: dict) -> str:
                           if name != "no-spec" and len(row.get("round_ratios", [])) > 1 else ""))
         return out
 
+    if res.get("rounds", 1) > 1:
+        lines.append(f"{res['rounds']} rounds of every table's rows in turn: tok/s is the median over rounds, "
+                     f"'vs no-spec' the median of the per-round ratios")
     for workload, w in res["workloads"].items():
         lines.append(f"\nworkload {workload} (prompts of {w['prompt_tokens_mean']:.0f} tokens on average)")
         lines.append(f" single request, decode rate ({res['num_prompts']} requests, one at a time)")
