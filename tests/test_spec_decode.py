@@ -865,6 +865,29 @@ def test_bench_spec_rounds_report_medians(monkeypatch):
     assert rows["m"]["ratio"] == pytest.approx(1.25) and rows["m"]["same_tokens"] == 0
 
 
+def test_step_time_seed_is_timed_once_per_machine(tiny_model_dir, monkeypatch, tmp_path):
+    """The seed's timings are kept: a second engine in this process, and a process that starts anew
+    (its memory dropped), time nothing; `recalibrate` times them again."""
+    from kvflow import LLM
+    from kvflow.spec_decode import profile
+
+    monkeypatch.setenv("KVFLOW_CACHE", str(tmp_path))
+    monkeypatch.setattr(profile, "_remembered", {})
+    timed = []
+    real = profile.time_shapes
+    monkeypatch.setattr(profile, "time_shapes", lambda *a, **k: timed.append(1) or real(*a, **k))
+    auto = {"method": "ngram", "num_speculative_tokens": "auto"}
+    opts = dict(model=tiny_model_dir, dtype="float32", num_gpu_blocks=64, speculative_config=auto)
+    first = LLM(**opts).engine.speculator.step_time
+    LLM(**opts)
+    monkeypatch.setattr(profile, "_remembered", {})
+    again = LLM(**opts).engine.speculator.step_time
+    assert len(timed) == 1 and list(tmp_path.glob("calibration/step-times-*.json"))
+    assert again.f == first.f and again.per_kv == first.per_kv
+    LLM(**opts, recalibrate=True)
+    assert len(timed) == 2
+
+
 def test_auto_seeds_step_time_within_a_short_context_model(tiny_model_dir):
     """Seeding the step-time model probes a long context: on a model with few positions (the tiny
     one has 512) the probes stay inside them instead of failing at start-up."""

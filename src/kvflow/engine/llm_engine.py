@@ -20,7 +20,7 @@ from kvflow.errors import InvalidRequestError
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.config import SpeculativeConfig
-from kvflow.spec_decode.profile import time_shapes
+from kvflow.spec_decode.profile import seed_samples
 from kvflow.spec_decode.speculator import Speculator, build_proposer
 from kvflow.structured.grammar import GrammarCompiler
 from kvflow.structured.matcher import RequestGrammar, wait_any
@@ -88,7 +88,8 @@ class LLMEngine:
         self.speculator = Speculator(spec, proposer, self.scheduler.reserve)
         if spec.auto and draft_runner is None:  # goodput needs step times before the first step
             if self._step_time_samples is None:
-                self._step_time_samples = time_shapes(self.runner, self.block_pool)
+                self._step_time_samples = seed_samples(self.runner, self.block_pool, str(self.config.quantization),
+                                                       self.config.recalibrate)
             self.speculator.step_time.fit_seed(self._step_time_samples)
 
     @property

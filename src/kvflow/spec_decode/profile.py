@@ -8,19 +8,29 @@ and a batch's steps are priced by that per-key cost (a seed that had only one re
 under-priced 64-decode steps by 66-89%).
 
 The KV slots it writes are taken from the block pool like any request's and given back, so cached
-prefixes are never overwritten."""
+prefixes are never overwritten. The timings are kept (`seed_samples`), in this process and on disk
+beside the kernel choices, per model file, precision, pool and machine: an engine that starts again
+on the same machine times nothing (in float32 the seed is ~7 s on one thread)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 import time
+from pathlib import Path
 
 import torch
 
+from kvflow.cache import cache_dir, file_key, write_atomic
 from kvflow.core.kv_cache import BlockPool
 from kvflow.core.request import Request
 from kvflow.model.fused_decode import MAX_ROWS as FUSED_MAX_ROWS
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.goodput import StepLayout, StepShape
 from kvflow.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 SHORT, LONG = 16, 512
 # (tokens, context before them, sampled rows): the token curve at a short context, the cost of a
@@ -42,6 +52,39 @@ def shape_of(tokens: int, start: int, rows: int) -> StepShape:
     else:
         lay.add_chunk(tokens, start + tokens, rows)
     return lay.shape()
+
+
+_remembered: dict[str, list[tuple[StepShape, float]]] = {}
+
+
+def seed_samples(runner: ModelRunner, pool: BlockPool, quantization: str,
+                 recalibrate: bool = False) -> list[tuple[StepShape, float]]:
+    """time_shapes, timed once per (model file, precision, KV cache, pool, this machine) and kept
+    (`recalibrate` times them again)."""
+    from kvflow.layers import cpu_kernels, kernel_choice
+    path = Path(runner.model_path)
+    key = {"model": file_key(path) if path.exists() else str(path), "dtype": str(runner.dtype),
+           "quantization": quantization, "kv": str(runner.kv_cache_dtype), "device": str(runner.device),
+           "block_size": pool.block_size, "num_blocks": pool.num_blocks,
+           "positions": runner.model_config.max_position_embeddings, "shapes": [SHAPES, DECODE_BATCHES],
+           "kernels": cpu_kernels.source_digest(), **kernel_choice.cache_key()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if digest in _remembered and not recalibrate:
+        return _remembered[digest]
+    file = cache_dir("calibration") / f"step-times-{digest}.json"
+    try:
+        if recalibrate:
+            raise OSError("recalibrate")
+        samples = [(StepShape(**shape), seconds) for shape, seconds in json.loads(file.read_text())["samples"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        samples = time_shapes(runner, pool)
+        try:
+            write_atomic(file, json.dumps({"key": key, "samples": [(dataclasses.asdict(s), t) for s, t in samples]},
+                                          default=str))
+        except OSError as e:  # a read-only cache: this process still keeps them
+            logger.debug("step times not saved: %s", e)
+    _remembered[digest] = samples
+    return samples
 
 
 @torch.inference_mode()
