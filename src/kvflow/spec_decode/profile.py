@@ -69,14 +69,9 @@ def seed_samples(runner: ModelRunner, pool: BlockPool, quantization: str,
            "positions": runner.model_config.max_position_embeddings, "shapes": [SHAPES, DECODE_BATCHES],
            "kernels": cpu_kernels.source_digest(), **kernel_choice.cache_key()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    if digest in _remembered and not recalibrate:
-        return _remembered[digest]
     file = cache_dir("calibration") / f"step-times-{digest}.json"
-    try:
-        if recalibrate:
-            raise OSError("recalibrate")
-        samples = [(StepShape(**shape), seconds) for shape, seconds in json.loads(file.read_text())["samples"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    samples = None if recalibrate else _remembered[digest] if digest in _remembered else _load(file)
+    if samples is None:
         samples = time_shapes(runner, pool)
         try:
             write_atomic(file, json.dumps({"key": key, "samples": [(dataclasses.asdict(s), t) for s, t in samples]},
@@ -85,6 +80,13 @@ def seed_samples(runner: ModelRunner, pool: BlockPool, quantization: str,
             logger.debug("step times not saved: %s", e)
     _remembered[digest] = samples
     return samples
+
+
+def _load(file: Path) -> list[tuple[StepShape, float]] | None:
+    try:
+        return [(StepShape(**shape), seconds) for shape, seconds in json.loads(file.read_text())["samples"]]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: time them
+        return None
 
 
 @torch.inference_mode()
