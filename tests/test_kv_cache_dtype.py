@@ -154,6 +154,37 @@ def test_decode_kernel_rows_of_one_request_share_a_pass(cache_dtype):
         assert torch.equal(together[i], alone[0]), f"row {i}"
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+def test_decode_kernel_tree_node_equals_the_token_decoded_after_acceptance(cache_dtype):
+    """A draft-tree node sees its context and its ancestors, which sit among the tree's other slots
+    (here one hidden node pushes its child into the next block); once the path is accepted the same
+    keys sit in contiguous slots. The kernel's result depends only on the keys seen and their order:
+    bit for bit the same, in any precision (greedy tokens cannot part between the two)."""
+    Hq, Hk, D, BS, NB, T0 = 4, 2, 64, 16, 6, 14
+    gen = torch.Generator().manual_seed(12)
+    k_cache, v_cache = torch.zeros(NB, BS, Hk, D, dtype=cache_dtype), torch.zeros(NB, BS, Hk, D, dtype=cache_dtype)
+    ks = vs = None
+    if cache_dtype == torch.int8:
+        ks, vs = torch.zeros(NB, BS, Hk), torch.zeros(NB, BS, Hk)
+    tree_table, path_table = [0, 1], [0, 2]  # the same first block (the context), then each its own
+    keys, vals = torch.randn(T0 + 3, Hk, D, generator=gen), torch.randn(T0 + 3, Hk, D, generator=gen)
+    slot = lambda table, p: table[p // BS] * BS + p % BS  # noqa: E731
+    tree_slots = [slot(tree_table, p) for p in range(T0 + 3)]  # context, then nodes 0, 1, 2
+    path_slots = [slot(path_table, p) for p in range(T0)] + [slot(path_table, T0), slot(path_table, T0 + 1)]
+    path_rows = list(range(T0)) + [T0, T0 + 2]  # nodes 0 and 2 accepted (node 1 is not 2's ancestor)
+    for cache, scale, data in ((k_cache, ks, keys), (v_cache, vs, vals)):
+        kv_quant.write(cache, scale, torch.tensor(tree_slots), data)
+        kv_quant.write(cache, scale, torch.tensor(path_slots), data[path_rows])
+    q = torch.randn(1, Hq, D, generator=gen)
+    if not cpu_kernels.can_run_decode(q, k_cache):
+        pytest.skip("the CPU decode kernel is not available here (no C compiler)")
+    node = cpu_kernels.paged_decode(q, k_cache, v_cache, torch.tensor([tree_table]), torch.tensor([T0 + 3]), D ** -0.5,
+                                    ks, vs, tree_start=torch.tensor([T0]), tree_bits=torch.tensor([0b101]))
+    decoded = cpu_kernels.paged_decode(q, k_cache, v_cache, torch.tensor([path_table]), torch.tensor([T0 + 2]),
+                                       D ** -0.5, ks, vs)
+    assert torch.equal(node, decoded)
+
+
 # ---------------- the engine, against float32 ----------------
 # Bounds on |logprob of a token - float32's logprob of the same token after the same prefix|
 # (mean over tokens, worst token), measured on these prompts with margin: the mean is what

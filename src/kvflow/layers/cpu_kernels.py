@@ -113,10 +113,12 @@ def can_run_decode(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  ctx_lens: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
-                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 v_scale: torch.Tensor | None = None, tree_start: torch.Tensor | None = None,
+                 tree_bits: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per request over its first ctx_lens[b] cached positions.
     The caches are read in their stored dtype (k_scale / v_scale [num_blocks, block_size, Hk]
-    float32 for int8), never copied."""
+    float32 for int8), never copied. Draft-tree rows (int64 [B] each): row b sees the keys before
+    tree_start[b], and past it only those whose bit (position - tree_start[b]) is set in tree_bits[b]."""
     q, block_tables, ctx_lens = q.contiguous(), block_tables.contiguous(), ctx_lens.contiguous()
     assert block_tables.dtype == ctx_lens.dtype == torch.int64
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -127,7 +129,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     fn = getattr(_lib, f"paged_decode_{_DECODE_Q[q.dtype]}_{_DECODE_CACHE[k_cache.dtype]}")
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
        out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale,
-       None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(), None, None)
+       None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(),
+       None if tree_start is None else tree_start.contiguous().data_ptr(),
+       None if tree_bits is None else tree_bits.contiguous().data_ptr())
     return out
 
 

@@ -1,7 +1,11 @@
 /* Paged attention for single-token queries (decodes), reading K/V straight from the block pool.
  * The torch fallback gathers every request's blocks into a padded copy first; this reads each key
  * and value once. One (request, kv head) pair per OpenMP task; the g = Hq / Hk query heads that
- * share a kv head are computed together, one block of keys at a time, with a running softmax.
+ * share a kv head are computed together, in two passes: every visible key's score and the max, then
+ * the weights exp(score - max), summed in key order, against the values in key order. So a query's
+ * result depends only on which keys it sees and their order, not on where hidden keys sit between
+ * them: a draft-tree node (its ancestors scattered over the tree's slots) equals the same token
+ * decoded after its path was accepted and moved to contiguous slots, in any precision.
  * Consecutive rows that read the same blocks (one request's verify chunk or draft tree in the C
  * step) are one task too: each key is read once for all of them, and each row masks the keys past
  * its own length, so its result is bit for bit what it would be alone (masked keys add exact zeros).
@@ -82,52 +86,50 @@ static inline float dot16(const float* restrict a, const float* restrict b, int 
 /* Scalar path: any head size, any CPU. */
 #define DEFINE_HEAD_SCALAR(NAME, CT, CLOAD)                                                              \
 static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {                                      \
-    float acc[MAX_G][MAX_D], m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS], kf[MAX_D], vf[MAX_D];                 \
+    float acc[MAX_G][MAX_D], m[MAX_G], l[MAX_G], kf[MAX_D], vf[MAX_D];                                   \
     const int gt = rows * g;  /* the scalar path takes one kv head per task (hn = 1) */                  \
     const int64_t n = longest(n_of, rows);                                                               \
+    float* S = (float*)malloc(sizeof(float) * gt * n);                                                   \
     (void)hn;                                                                                            \
+    if (!S) return;                                                                                      \
     for (int i = 0; i < gt; i++) {                                                                       \
         for (int d = 0; d < D; d++) acc[i][d] = 0.f;                                                     \
-        m[i] = -INFINITY; l[i] = 0.f;                                                                    \
+        m[i] = -INFINITY;                                                                                \
     }                                                                                                    \
-    for (int64_t start = 0; start < n; start += BS) {                                                    \
-        const int64_t block = table[start / BS];                                                         \
-        const int cnt = (int)((n - start) < BS ? (n - start) : BS);                                      \
-        for (int j = 0; j < cnt; j++) {                                                                  \
-            const int64_t row = (block * BS + j) * Hk + h;                                               \
-            const CT* kp = k_cache + row * D;                                                            \
-            for (int d = 0; d < D; d++) kf[d] = CLOAD(kp[d]);                                            \
-            const float ks = k_scale ? k_scale[row] : 1.f;                                               \
-            for (int r = 0; r < rows; r++) {                                                             \
-                const int hidden = hidden_key(start + j, n_of[r], ts_of[r], tb_of[r]);                   \
-                for (int i = r * g; i < (r + 1) * g; i++)                                                \
-                    s[i][j] = hidden ? -INFINITY : dot16(qf[i], kf, D) * ks;                             \
+    for (int64_t p = 0; p < n; p++) {  /* pass 1: scores, and each query's max */                        \
+        const int64_t row = (table[p / BS] * BS + p % BS) * Hk + h;                                      \
+        const CT* kp = k_cache + row * D;                                                                \
+        for (int d = 0; d < D; d++) kf[d] = CLOAD(kp[d]);                                                \
+        const float ks = k_scale ? k_scale[row] : 1.f;                                                   \
+        for (int r = 0; r < rows; r++) {                                                                 \
+            const int hidden = hidden_key(p, n_of[r], ts_of[r], tb_of[r]);                               \
+            for (int i = r * g; i < (r + 1) * g; i++) {                                                  \
+                const float sc = hidden ? -INFINITY : dot16(qf[i], kf, D) * ks;                          \
+                S[i * n + p] = sc;                                                                       \
+                m[i] = sc > m[i] ? sc : m[i];                                                            \
             }                                                                                            \
         }                                                                                                \
+    }                                                                                                    \
+    for (int i = 0; i < gt; i++) {  /* weights, summed in key order */                                   \
+        float sum = 0.f;                                                                                 \
+        for (int64_t p = 0; p < n; p++) { S[i * n + p] = expf(S[i * n + p] - m[i]); sum += S[i * n + p]; } \
+        l[i] = sum;                                                                                      \
+    }                                                                                                    \
+    for (int64_t p = 0; p < n; p++) {  /* pass 2: values */                                              \
+        const int64_t row = (table[p / BS] * BS + p % BS) * Hk + h;                                      \
+        const CT* vp = v_cache + row * D;                                                                \
+        for (int d = 0; d < D; d++) vf[d] = CLOAD(vp[d]);                                                \
+        const float vs = v_scale ? v_scale[row] : 1.f;                                                   \
         for (int i = 0; i < gt; i++) {                                                                   \
-            float mx = m[i];                                                                             \
-            for (int j = 0; j < cnt; j++) mx = s[i][j] > mx ? s[i][j] : mx;                              \
-            const float corr = expf(m[i] - mx);                                                          \
-            l[i] *= corr;                                                                                \
-            for (int d = 0; d < D; d++) acc[i][d] *= corr;                                               \
-            for (int j = 0; j < cnt; j++) { s[i][j] = expf(s[i][j] - mx); l[i] += s[i][j]; }             \
-            m[i] = mx;                                                                                   \
-        }                                                                                                \
-        for (int j = 0; j < cnt; j++) {                                                                  \
-            const int64_t row = (block * BS + j) * Hk + h;                                               \
-            const CT* vp = v_cache + row * D;                                                            \
-            for (int d = 0; d < D; d++) vf[d] = CLOAD(vp[d]);                                            \
-            const float vs = v_scale ? v_scale[row] : 1.f;                                               \
-            for (int i = 0; i < gt; i++) {                                                               \
-                const float p = s[i][j] * vs;                                                            \
-                for (int d = 0; d < D; d++) acc[i][d] += p * vf[d];                                      \
-            }                                                                                            \
+            const float w = S[i * n + p] * vs;                                                           \
+            for (int d = 0; d < D; d++) acc[i][d] += w * vf[d];                                          \
         }                                                                                                \
     }                                                                                                    \
     for (int i = 0; i < gt; i++) {                                                                       \
         const float inv = 1.f / l[i];                                                                    \
         for (int d = 0; d < D; d++) out[i][d] = acc[i][d] * inv;                                         \
     }                                                                                                    \
+    free(S);                                                                                             \
 }
 
 DEFINE_HEAD_SCALAR(head_f32_scalar, float, ID)
@@ -159,15 +161,17 @@ static inline __m512 load16_i8(const int8_t* p) {
 #define DEFINE_HEAD_AVX512(NAME, CT, LOAD16)                                                             \
 static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {                                      \
     const int nd = D / 16, gh = g * hn, gt = rows * gh;                                                  \
-    const int64_t n = longest(n_of, rows);                                                               \
+    const int64_t n = longest(n_of, rows), stride = (n + 15) & ~(int64_t)15;                             \
+    float* S = (float*)aligned_alloc(64, sizeof(float) * gt * stride);                                   \
     __m512 acc[MAX_G][MAX_D / 16], row[MAX_D / 16];                                                      \
-    float m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS] __attribute__((aligned(64)));                             \
+    float m[MAX_G], l[MAX_G];                                                                            \
     int hidden[MAX_G];                                                                                   \
+    if (!S) return;                                                                                      \
     for (int i = 0; i < gt; i++) {                                                                       \
         for (int c = 0; c < nd; c++) acc[i][c] = _mm512_setzero_ps();                                    \
-        m[i] = -INFINITY; l[i] = 0.f;                                                                    \
+        m[i] = -INFINITY;                                                                                \
     }                                                                                                    \
-    for (int64_t start = 0; start < n; start += BS) {                                                    \
+    for (int64_t start = 0; start < n; start += BS) {  /* pass 1: scores, and each query's max */        \
         const int64_t block = table[start / BS];                                                         \
         const int cnt = (int)((n - start) < BS ? (n - start) : BS);                                      \
         const int64_t next = start + BS < n ? table[start / BS + 1] : block;                             \
@@ -184,27 +188,29 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
                         __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qf[i]), row[0]);                      \
                         for (int c = 1; c < nd; c++)                                                     \
                             dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + 16 * c), row[c], dot);         \
-                        s[i][j] = hidden[r] ? -INFINITY : _mm512_reduce_add_ps(dot) * ks;                \
+                        const float sc = hidden[r] ? -INFINITY : _mm512_reduce_add_ps(dot) * ks;         \
+                        S[i * stride + start + j] = sc;                                                  \
+                        m[i] = sc > m[i] ? sc : m[i];                                                    \
                     }                                                                                    \
                 }                                                                                        \
             }                                                                                            \
         }                                                                                                \
-        for (int i = 0; i < gt; i++) {                                                                   \
-            float mx = m[i];                                                                             \
-            for (int j = 0; j < cnt; j++) mx = s[i][j] > mx ? s[i][j] : mx;                              \
-            const float corr = expf(m[i] - mx);                                                          \
-            const __m512 vcorr = _mm512_set1_ps(corr), vmx = _mm512_set1_ps(mx);                         \
-            for (int c = 0; c < nd; c++) acc[i][c] = _mm512_mul_ps(acc[i][c], vcorr);                    \
-            __m512 sum = _mm512_setzero_ps();                                                            \
-            for (int j = 0; j < cnt; j += 16) {                                                          \
-                const __mmask16 k = cnt - j >= 16 ? 0xFFFF : (__mmask16)((1u << (cnt - j)) - 1);         \
-                const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s[i] + j), vmx));         \
-                _mm512_mask_storeu_ps(s[i] + j, k, e);                                                   \
-                sum = _mm512_mask_add_ps(sum, k, sum, e);                                                \
-            }                                                                                            \
-            l[i] = l[i] * corr + _mm512_reduce_add_ps(sum);                                              \
-            m[i] = mx;                                                                                   \
+    }                                                                                                    \
+    for (int i = 0; i < gt; i++) {  /* weights exp(s - max), 16 at a time; their sum in key order */     \
+        float* si = S + i * stride;                                                                      \
+        const __m512 vmx = _mm512_set1_ps(m[i]);                                                         \
+        for (int64_t p = 0; p < n; p += 16) {                                                            \
+            const __mmask16 k = n - p >= 16 ? 0xFFFF : (__mmask16)((1u << (n - p)) - 1);                 \
+            _mm512_mask_storeu_ps(si + p, k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, si + p), vmx))); \
         }                                                                                                \
+        float sum = 0.f;                                                                                 \
+        for (int64_t p = 0; p < n; p++) sum += si[p];                                                    \
+        l[i] = sum;                                                                                      \
+    }                                                                                                    \
+    for (int64_t start = 0; start < n; start += BS) {  /* pass 2: values, in key order */                \
+        const int64_t block = table[start / BS];                                                         \
+        const int cnt = (int)((n - start) < BS ? (n - start) : BS);                                      \
+        const int64_t next = start + BS < n ? table[start / BS + 1] : block;                             \
         for (int j = 0; j < cnt; j++) {                                                                  \
             prefetch_row(v_cache + ((next * BS + j) * Hk + h) * D, hn * D * (int)sizeof(CT));            \
             for (int hh = 0; hh < hn; hh++) {                                                            \
@@ -214,8 +220,8 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
                 const float vs = v_scale ? v_scale[vr] : 1.f;                                            \
                 for (int r = 0; r < rows; r++) {                                                         \
                     for (int i = r * gh + hh * g; i < r * gh + (hh + 1) * g; i++) {                      \
-                        const __m512 p = _mm512_set1_ps(s[i][j] * vs);                                   \
-                        for (int c = 0; c < nd; c++) acc[i][c] = _mm512_fmadd_ps(p, row[c], acc[i][c]);  \
+                        const __m512 w = _mm512_set1_ps(S[i * stride + start + j] * vs);                 \
+                        for (int c = 0; c < nd; c++) acc[i][c] = _mm512_fmadd_ps(w, row[c], acc[i][c]);  \
                     }                                                                                    \
                 }                                                                                        \
             }                                                                                            \
@@ -225,6 +231,7 @@ static void NAME(const CT* k_cache, const CT* v_cache, HEAD_ARGS) {             
         const __m512 inv = _mm512_set1_ps(1.f / l[i]);                                                   \
         for (int c = 0; c < nd; c++) _mm512_storeu_ps(out[i] + 16 * c, _mm512_mul_ps(acc[i][c], inv));   \
     }                                                                                                    \
+    free(S);                                                                                             \
 }
 
 DEFINE_HEAD_AVX512(head_f32_avx512, float, load16_f32)
