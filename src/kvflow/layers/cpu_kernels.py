@@ -120,7 +120,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     float32 for int8), never copied. Draft-tree rows (int64 [B] each): row b sees the keys before
     tree_start[b], and past it only those whose bit (position - tree_start[b]) is set in tree_bits[b]."""
     q, block_tables, ctx_lens = q.contiguous(), block_tables.contiguous(), ctx_lens.contiguous()
+    tree = None if tree_start is None else (tree_start.contiguous(), tree_bits.contiguous())  # alive for the call
     assert block_tables.dtype == ctx_lens.dtype == torch.int64
+    assert tree is None or tree[0].dtype == tree[1].dtype == torch.int64
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert (k_scale is None) == (k_cache.dtype != torch.int8) and (v_scale is None) == (k_scale is None)
     out = torch.empty_like(q)
@@ -130,8 +132,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
        out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale,
        None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(),
-       None if tree_start is None else tree_start.contiguous().data_ptr(),
-       None if tree_bits is None else tree_bits.contiguous().data_ptr())
+       *((None, None) if tree is None else (tree[0].data_ptr(), tree[1].data_ptr())))
     return out
 
 

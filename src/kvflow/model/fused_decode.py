@@ -76,7 +76,7 @@ class FusedDecodeStep:
         cfg = model.config
         self.model = model
         self.keep: list[torch.Tensor] = []  # float32 norms and weight row sums the C structs point at
-        self._votes: dict[tuple, bool] = {}  # per family of size-class keys: C for all, once all are timed
+        self._votes: dict[tuple, bool] = {}  # size-class key -> its family's vote, once all are timed
         self.layers = (_Layer * cfg.num_layers)()
         for c_layer, layer in zip(self.layers, model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -164,15 +164,14 @@ class FusedDecodeStep:
         is, the side that won most of them runs them all: the two sides round differently, and a
         request's logits must not depend on the size of the step that computed them (greedy output
         with speculation, or in a batch, equals greedy output alone)."""
+        if op_select.mode() == "measure" and key in self._votes:
+            return self._votes[key]
         own = op_select.choose(key, candidates, reps=2) == "c"
-        if op_select.mode() != "measure":  # a side forced (KVFLOW_FUSED_OPS)
-            return own
-        keys = tuple(key_of(1 << i) for i in range(MAX_ROWS.bit_length()))
-        vote = self._votes.get(keys)
-        if vote is None:
-            if not all(op_select.known(k) for k in keys):
-                return own
-            vote = self._votes[keys] = 2 * sum(op_select.choose(k, None) == "c" for k in keys) >= len(keys)
+        keys = [key_of(1 << i) for i in range(MAX_ROWS.bit_length())]
+        if op_select.mode() != "measure" or not all(op_select.known(k) for k in keys):
+            return own  # a side forced (KVFLOW_FUSED_OPS), or sizes still untimed
+        vote = 2 * sum(op_select.choose(k, None) == "c" for k in keys) >= len(keys)
+        self._votes.update(dict.fromkeys(keys, vote))
         return vote
 
     def _step_key(self, rows: int, cache_dtype: torch.dtype) -> tuple:

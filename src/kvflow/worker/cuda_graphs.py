@@ -2,7 +2,8 @@
 few hundred kernels every step, so on a GPU the launches, not the math, bound small batches. The
 forward pass is captured once per batch-size bucket (1, 2, 4, 8, ... up to max_num_seqs) into static
 buffers at start-up; a step copies its inputs into the buffers (two host-to-device copies from pinned
-memory: the per-row fields, and the bucket's block tables), pads to the next bucket, and replays. Steps with prompt chunks or drafts run eagerly.
+memory: the per-row fields, and the bucket's block tables), pads to the next bucket, and replays.
+Steps with prompt chunks or drafts run eagerly.
 
 Padding rows write their keys and values into a scratch block the block pool never hands out, and
 attend to that one slot, so they touch no request's KV."""

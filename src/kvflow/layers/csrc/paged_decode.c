@@ -60,7 +60,7 @@ static inline float i8_to_f32(int8_t x) { return (float)x; }
 
 /* Draft trees: a node sees every key before tree_start (the committed context) and, past it, only its
  * ancestors and itself (bit p - tree_start of tree_bits set). Rows that are not tree nodes pass
- * tree_start = n. The first key is always visible, so every running max is finite after one block. */
+ * tree_start = n. The first key is always visible, so every query's max score is finite. */
 static inline int hidden_key(int64_t p, int64_t n, int64_t tree_start, uint64_t tree_bits) {
     return p >= n || (p >= tree_start && (p - tree_start >= 64 || !((tree_bits >> (p - tree_start)) & 1)));
 }
