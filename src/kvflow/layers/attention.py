@@ -47,6 +47,9 @@ class AttentionGroup:
     causal_fresh: bool = False
     q_positions: torch.Tensor | None = None  # [B, Q] position of each query (for the mask)
     block_size: int = 0
+    # (first, stop) when token_index is exactly the flat rows first..stop-1 (B chunks of Q tokens back to
+    # back, no padding): the group's queries and outputs are then views of the batch, not gathered copies
+    flat_rows: tuple[int, int] | None = None
 
     def attn_mask(self) -> torch.Tensor:
         if self.mask is None:
@@ -139,20 +142,32 @@ def paged_attention(
                                                k_scale, v_scale)
             continue
         B = g.block_tables.shape[0]
-        qg = q[g.token_index].transpose(1, 2)  # [B, Hq, Q, D]
+        rows = _group_rows(g)
+        qg = rows(q).transpose(1, 2)  # [B, Hq, Q, D]
         if g.causal_fresh:  # right padding only follows the real queries: is_causal stays exact for them
-            kg, vg = k[g.token_index].transpose(1, 2), v[g.token_index].transpose(1, 2)
+            kg, vg = rows(k).transpose(1, 2), rows(v).transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale, enable_gqa=gqa)
         else:  # dequantize only the blocks this group gathers
             kg = _gather(k_cache, k_scale, g.block_tables, q.dtype).view(B, -1, num_kv_heads, head_dim).transpose(1, 2)
             vg = _gather(v_cache, v_scale, g.block_tables, q.dtype).view(B, -1, num_kv_heads, head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.attn_mask(), scale=scale, enable_gqa=gqa)
         o = o.transpose(1, 2)  # [B, Q, Hq, D]
-        if g.valid is None:
+        if g.flat_rows is not None:
+            out[g.flat_rows[0]:g.flat_rows[1]] = o.reshape(-1, *q.shape[1:])
+        elif g.valid is None:
             out[g.token_index.view(-1)] = o.reshape(-1, *q.shape[1:])
         else:
             out[g.token_index[g.valid]] = o[g.valid]
     return out
+
+
+def _group_rows(g: AttentionGroup):
+    """x [T, H, D] -> the group's rows [B, Q, H, D]: a view where they lie back to back, else a gather."""
+    if g.flat_rows is None:
+        return lambda x: x[g.token_index]
+    first, stop = g.flat_rows
+    shape = g.token_index.shape
+    return lambda x: x[first:stop].view(*shape, *x.shape[1:])
 
 
 def _gather(cache: torch.Tensor, cache_scale: torch.Tensor | None, tables: torch.Tensor,
