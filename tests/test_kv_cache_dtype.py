@@ -22,6 +22,8 @@ from kvflow.layers import attention, cpu_kernels, kv_quant
 from kvflow.worker.model_runner import build_batch, bytes_per_block
 
 QUANTIZED = [torch.bfloat16, torch.float8_e4m3fn, torch.int8]
+# The C step's AMX attention (float32 queries on a bfloat16 cache) where the CPU and OS allow the tiles
+AMX = (False, True) if cpu_kernels.kernels() is not None and cpu_kernels.kernels().fused_use_amx(0) else (False,)
 
 
 # ---------------- configuration ----------------
@@ -125,8 +127,13 @@ def test_decode_kernel_reads_quantized_cache(monkeypatch, cache_dtype, q_dtype):
     assert float(err.max()) < tol, f"kernel vs torch path, max error per token: {err.tolist()}"
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
-def test_decode_kernel_rows_of_one_request_share_a_pass(cache_dtype):
+def _kernel_cases():
+    return [(dtype, False) for dtype in (torch.float32, torch.bfloat16, torch.int8)] + [
+        (torch.bfloat16, True) for amx in AMX if amx]
+
+
+@pytest.mark.parametrize("cache_dtype,amx", _kernel_cases(), ids=str)
+def test_decode_kernel_rows_of_one_request_share_a_pass(cache_dtype, amx):
     """Rows that read the same blocks (a request's verify chunk in the C step) are attended in one pass
     over the keys, each masking the keys past its own length: bit for bit the result of each row alone."""
     Hq, Hk, D, BS, NB = 6, 2, 64, 16, 24
@@ -148,14 +155,15 @@ def test_decode_kernel_rows_of_one_request_share_a_pass(cache_dtype):
     q = torch.randn(len(rows), Hq, D, generator=gen)
     if not cpu_kernels.can_run_decode(q, k_cache):
         pytest.skip("the CPU decode kernel is not available here (no C compiler)")
-    together = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, ks, vs)
+    together = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, ks, vs, amx=amx)
     for i in range(len(rows)):
-        alone = cpu_kernels.paged_decode(q[i:i + 1], k_cache, v_cache, tables[i:i + 1], ctx[i:i + 1], D ** -0.5, ks, vs)
+        alone = cpu_kernels.paged_decode(q[i:i + 1], k_cache, v_cache, tables[i:i + 1], ctx[i:i + 1], D ** -0.5, ks, vs,
+                                         amx=amx)
         assert torch.equal(together[i], alone[0]), f"row {i}"
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
-def test_decode_kernel_tree_node_equals_the_token_decoded_after_acceptance(cache_dtype):
+@pytest.mark.parametrize("cache_dtype,amx", _kernel_cases(), ids=str)
+def test_decode_kernel_tree_node_equals_the_token_decoded_after_acceptance(cache_dtype, amx):
     """A draft-tree node sees its context and its ancestors, which sit among the tree's other slots
     (here one hidden node pushes its child into the next block); once the path is accepted the same
     keys sit in contiguous slots. The kernel's result depends only on the keys seen and their order:
@@ -179,10 +187,42 @@ def test_decode_kernel_tree_node_equals_the_token_decoded_after_acceptance(cache
     if not cpu_kernels.can_run_decode(q, k_cache):
         pytest.skip("the CPU decode kernel is not available here (no C compiler)")
     node = cpu_kernels.paged_decode(q, k_cache, v_cache, torch.tensor([tree_table]), torch.tensor([T0 + 3]), D ** -0.5,
-                                    ks, vs, tree_start=torch.tensor([T0]), tree_bits=torch.tensor([0b101]))
+                                    ks, vs, tree_start=torch.tensor([T0]), tree_bits=torch.tensor([0b101]), amx=amx)
     decoded = cpu_kernels.paged_decode(q, k_cache, v_cache, torch.tensor([path_table]), torch.tensor([T0 + 2]),
-                                       D ** -0.5, ks, vs)
+                                       D ** -0.5, ks, vs, amx=amx)
     assert torch.equal(node, decoded)
+
+
+@pytest.mark.skipif(True not in AMX, reason="no AMX tiles on this CPU (or the OS does not grant them)")
+@pytest.mark.parametrize("Hq,Hk,D", [(9, 3, 64), (8, 2, 128), (16, 1, 64)])
+def test_decode_kernel_amx_matches_the_avx512_kernel(Hq, Hk, D):
+    """The AMX tile kernel (queries and softmax weights rounded to bfloat16) against the AVX-512 one
+    (float32 queries and weights) on a bfloat16 cache: requests of 1 to 300 keys (block tails, 16-key
+    groups cut short, a request as rows of one run), values that differ by bfloat16's rounding only.
+    Slots past a request's keys hold NaN: neither kernel may read them into a result."""
+    BS, NB = 16, 64
+    gen = torch.Generator().manual_seed(13)
+    k_cache = torch.randn(NB, BS, Hk, D, generator=gen).bfloat16()
+    v_cache = torch.randn(NB, BS, Hk, D, generator=gen).bfloat16()
+    lens = [1, 15, 16, 17, 33, 64, 100, 300, 40, 41]
+    perm = torch.randperm(NB, generator=gen).tolist()
+    tables, used = [], 0
+    for i, n in enumerate(lens[:8]):
+        blocks = (n + BS - 1) // BS
+        tables.append(perm[used:used + blocks])
+        used += blocks
+        tail = tables[-1][-1]
+        k_cache[tail, n % BS or BS:] = float("nan")
+        v_cache[tail, n % BS or BS:] = float("nan")
+    tables += [tables[-1][:3], tables[-1][:3]]  # two rows of one run (a request's chunk): 40 and 41 keys
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    ctx = torch.tensor(lens)
+    q = torch.randn(len(lens), Hq, D, generator=gen)
+    got = cpu_kernels.paged_decode(q, k_cache, v_cache, table, ctx, D ** -0.5, amx=True)
+    want = cpu_kernels.paged_decode(q, k_cache, v_cache, table, ctx, D ** -0.5)
+    assert not got.isnan().any()
+    assert float((got - want).abs().max()) < 2e-2 * float(want.abs().max()), float((got - want).abs().max())
 
 
 # ---------------- the engine, against float32 ----------------

@@ -71,6 +71,7 @@ def _build() -> ctypes.CDLL | None:
         for ct in _DECODE_CACHE.values():
             fn = getattr(lib, f"paged_decode_{qt}_{ct}")
             fn.argtypes, fn.restype = args, None
+    lib.paged_decode_amx_f32_bf16.argtypes, lib.paged_decode_amx_f32_bf16.restype = args, ctypes.c_int
     lib.gemv_f32.argtypes, lib.gemv_f32.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3, None
     p, i = ctypes.c_void_p, ctypes.c_int
     for t in _FUSED.values():  # csrc/fused_ops.c
@@ -114,11 +115,13 @@ def can_run_decode(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  ctx_lens: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None, tree_start: torch.Tensor | None = None,
-                 tree_bits: torch.Tensor | None = None) -> torch.Tensor:
+                 tree_bits: torch.Tensor | None = None, amx: bool = False) -> torch.Tensor:
     """Attention of one query token per request over its first ctx_lens[b] cached positions.
     The caches are read in their stored dtype (k_scale / v_scale [num_blocks, block_size, Hk]
     float32 for int8), never copied. Draft-tree rows (int64 [B] each): row b sees the keys before
-    tree_start[b], and past it only those whose bit (position - tree_start[b]) is set in tree_bits[b]."""
+    tree_start[b], and past it only those whose bit (position - tree_start[b]) is set in tree_bits[b].
+    amx: float32 queries on a bfloat16 cache go through the AMX tile kernel where it applies (the C step's
+    choice; queries and weights rounded to bfloat16), else the AVX-512 one."""
     q, block_tables, ctx_lens = q.contiguous(), block_tables.contiguous(), ctx_lens.contiguous()
     tree = None if tree_start is None else (tree_start.contiguous(), tree_bits.contiguous())  # alive for the call
     assert block_tables.dtype == ctx_lens.dtype == torch.int64
@@ -128,11 +131,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = torch.empty_like(q)
     B, Hq, D = q.shape
     _, BS, Hk, _ = k_cache.shape
-    fn = getattr(_lib, f"paged_decode_{_DECODE_Q[q.dtype]}_{_DECODE_CACHE[k_cache.dtype]}")
-    fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
-       out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale,
-       None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(),
-       *((None, None) if tree is None else (tree[0].data_ptr(), tree[1].data_ptr())))
+    args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
+            out.data_ptr(), B, Hq, Hk, D, BS, block_tables.shape[1], scale,
+            None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(),
+            *((None, None) if tree is None else (tree[0].data_ptr(), tree[1].data_ptr())))
+    if amx and q.dtype == torch.float32 and k_cache.dtype == torch.bfloat16 and _lib.paged_decode_amx_f32_bf16(*args):
+        return out
+    getattr(_lib, f"paged_decode_{_DECODE_Q[q.dtype]}_{_DECODE_CACHE[k_cache.dtype]}")(*args)
     return out
 
 

@@ -92,8 +92,9 @@ class FusedDecodeStep:
                           I=cfg.intermediate_size, eps=cfg.rms_norm_eps, attn_scale=cfg.head_dim ** -0.5,
                           final_norm=self.final_norm)
         self.query_probe = torch.empty(1, cfg.num_heads, cfg.head_dim)  # the C step's queries: float32 rows
-        # AMX tile matmuls (csrc/fused_decode.c): compiled in on CPUs that have them, and then timed
-        # against the plain kernels per row count, for the step and the LM head apart
+        # AMX tile matmuls (csrc/fused_decode.c) and, on a bfloat16 cache, attention scores
+        # (csrc/paged_decode.c): compiled in on CPUs that have them, and then timed against the plain
+        # kernels per row count, for the step and the LM head apart
         self.amx_available = bool(cpu_kernels.kernels().fused_use_amx(0))
 
     @classmethod

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
 #include "bf16.h"
 
 #ifdef __AVX512F__
@@ -51,6 +52,8 @@ void paged_decode_f32_bf16(const float* q, const uint16_t* kc, const uint16_t* v
                            const int64_t* ctx_lens, float* out, DECODE_ARGS);
 void paged_decode_f32_i8(const float* q, const int8_t* kc, const int8_t* vc, const int64_t* tables,
                          const int64_t* ctx_lens, float* out, DECODE_ARGS);
+int paged_decode_amx_f32_bf16(const float* q, const uint16_t* kc, const uint16_t* vc, const int64_t* tables,
+                              const int64_t* ctx_lens, float* out, DECODE_ARGS);
 
 enum { LINEAR_INT8 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2, LINEAR_INT8_A16 = 3 };
 
@@ -454,26 +457,21 @@ static void linear_int8_a16(const QLinear* L, const float* x, int M, float* xr_a
  * by 16 or 32 input rows. int8 multiplies signed weights by the unsigned x + 128, as the VNNI path
  * does: the int32 sums are the same. Used when Python turns it on (fused_use_amx: it is timed against
  * the plain kernels like every choice) and the kernel has the OS's permission for the tile data. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
+#if HAVE_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
-#define HAVE_AMX 1
 
 static int amx_on = 0;
 
-int fused_use_amx(int on) {
+int amx_permitted(void) {
     static int permitted = -1;  /* Linux hands out the 8 KiB of tile state only on request */
     if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    amx_on = on && permitted;
     return permitted;
 }
 
-static void tiles_configure(void) {  /* per thread: eight tiles of 16 rows x 64 bytes */
-    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
-    _tile_loadconfig(&c);
+int fused_use_amx(int on) {
+    amx_on = on && amx_permitted();
+    return amx_permitted();
 }
 
 /* x: M rows of `row_bytes` bytes -> B tiles [M / 16 rounded up][row_bytes / 64][16][16] uint32, zero padded. */
@@ -521,31 +519,6 @@ static void widen_rows_bf16(const int8_t* q, int rows, int K, uint16_t* out) {
     for (int64_t i = 0; i < (int64_t)rows * K; i += 16) {
         const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + i))));
         _mm256_storeu_si256((__m256i*)(out + i), (__m256i)_mm512_cvtneps_pbh(f));
-    }
-}
-
-/* The 16 x 16 block of 32-bit values at src (rows 64 bytes apart) transposed into t: t[m] lane r = src[r][m]. */
-ALWAYS_INLINE void transpose16(const void* src, __m512 t[16]) {
-    __m512 r[16], u[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps((const float*)src + 16 * i);
-    for (int i = 0; i < 16; i += 2) {
-        u[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        u[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        r[i + 1] = _mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        r[i + 2] = _mm512_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        r[i + 3] = _mm512_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int h = 0; h < 16; h += 8)
-        for (int i = 0; i < 4; i++) {
-            u[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
-            u[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
-        }
-    for (int i = 0; i < 8; i++) {
-        t[i] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0x88);
-        t[i + 8] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0xdd);
     }
 }
 
@@ -610,7 +583,6 @@ static int amx_applies(const QLinear* L) {
     return amx_on && L->kind != LINEAR_INT4 && L->N % 32 == 0 && L->K % k_unit == 0;
 }
 #else
-#define HAVE_AMX 0
 int fused_use_amx(int on) { (void)on; return 0; }
 static int amx_applies(const QLinear* L) { (void)L; return 0; }
 #endif
@@ -693,6 +665,9 @@ static void attend(const DecodeStep* s, const DecodeLayer* layer, const float* q
 #define ATTEND(FN, T) FN(q, (const T*)layer->k_cache, (const T*)layer->v_cache, s->tables, s->ctx_lens, out, \
     args[0], args[1], args[2], args[3], args[4], args[5], s->attn_scale, layer->k_scale, layer->v_scale, \
     s->tree_start, s->tree_bits)
+#if HAVE_AMX
+    if (amx_on && s->cache_kind == CACHE_BF16 && ATTEND(paged_decode_amx_f32_bf16, uint16_t)) return;
+#endif
     if (s->cache_kind == CACHE_F32) ATTEND(paged_decode_f32_f32, float);
     else if (s->cache_kind == CACHE_BF16) ATTEND(paged_decode_f32_bf16, uint16_t);
     else ATTEND(paged_decode_f32_i8, int8_t);

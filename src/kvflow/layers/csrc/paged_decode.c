@@ -14,7 +14,8 @@
  * bfloat16, float8 e4m3 (no scale) or int8 with one float32 scale per (token, kv head), kept in
  * k_scale / v_scale laid out as [num_blocks, block_size, Hk]. Each key or value row is converted
  * to float32 once, in registers (AVX-512, head sizes that are a multiple of 16) or in a row of
- * scratch; the cache is never copied. */
+ * scratch; the cache is never copied. The C step's bfloat16 caches score with AMX tiles where the CPU
+ * has them (paged_decode_amx_f32_bf16, at the end). */
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -26,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
 #include "bf16.h"
 #include "exp512.h"
 
@@ -330,6 +332,180 @@ DEFINE_KERNEL(paged_decode_bf16_f32, uint16_t, bf16_to_f32, f32_to_bf16, float, 
 DEFINE_KERNEL(paged_decode_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16)
 DEFINE_KERNEL(paged_decode_bf16_fp8, uint16_t, bf16_to_f32, f32_to_bf16, uint8_t, fp8)
 DEFINE_KERNEL(paged_decode_bf16_i8, uint16_t, bf16_to_f32, f32_to_bf16, int8_t, i8)
+
+/* ---------------- AMX tiles (bfloat16 caches, in the C step) ----------------
+ * A batch's scores cost the kernel above several times what loading its keys costs: a 16-lane dot
+ * product and a horizontal sum per key and query head. With AMX, 16 keys' scores against up to 16
+ * queries (a row run's query heads of one kv head) are one tile multiply per 32 values of the head:
+ * the block's key rows are the A tile as they lie in the pool (16 slots, Hk x D apart), the queries,
+ * rounded to bfloat16, the B tile (packed once per task). Each key's score is computed alike wherever
+ * it sits. The max, the weights, their sum and the values' pass are the kernel above's, lane by lane in
+ * key order: the weights are not rounded, and the tiles do not sum the values, because a tile adds its
+ * 32 keys' products in an order of its own (a draft-tree node, whose ancestors sit among other slots,
+ * then parted from the token decoded after acceptance; tested). Returns 0 where it does not apply
+ * (head size not a multiple of 32, blocks not of 16k slots, more than 16 query heads per kv head, no
+ * tiles): the caller runs the kernel above. */
+#if HAVE_AMX
+#define AMX_HEADS 8  /* kv heads per task at most (their packed queries are 8 KiB each at D = 256) */
+
+/* The queries of one kv head as a B tile per 32 values: row kk, lane i = query i's values 2kk and
+ * 2kk + 1 (of the chunk) rounded to bfloat16, as f32_to_bf16 rounds; lanes past nq are 0. */
+static void pack_queries(const float (*qf)[MAX_D], const int* lane_row, int nq, int chunks, uint32_t (*qt)[256]) {
+    for (int c = 0; c < chunks; c++) {
+        uint32_t m[16][16] __attribute__((aligned(64)));  /* [query][value pair] */
+        for (int i = 0; i < 16; i++) {
+            __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int e = 0; e < 2 && i < nq; e++) {
+                const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(qf[lane_row[i]] + 32 * c + 16 * e));
+                const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+                half[e] = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                    _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
+            }
+            _mm512_store_si512(m[i], _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1));
+        }
+        __m512 t[16];
+        transpose16(m, t);
+        for (int kk = 0; kk < 16; kk++) _mm512_store_ps((float*)qt[c] + 16 * kk, t[kk]);
+    }
+}
+
+/* One task, as the kernel above's (HEAD_ARGS, but rows x g <= 16): for each of the hn kv heads, the
+ * rows x g queries' scores as tiles, into S (hn x the keys rounded up to 16, 16 lanes each); then the
+ * weights and the values' pass over whole cache rows (every head's values at once), as above. */
+static void head_bf16_amx(const uint16_t* k_cache, const uint16_t* v_cache, HEAD_ARGS, float* S) {
+    const int nq = rows * g, chunks = D / 32, nd = D / 16;
+    const int64_t n = longest(n_of, rows), n16 = (n + 15) & ~(int64_t)15, ld = (int64_t)Hk * D * 2;
+    int64_t seen = n;  /* every row sees every key before this one */
+    for (int r = 0; r < rows; r++) {
+        seen = n_of[r] < seen ? n_of[r] : seen;
+        seen = ts_of[r] < seen ? ts_of[r] : seen;
+    }
+#define SLOT(p) ((table[(p) / BS] * BS + (p) % BS) * Hk + h)
+    int lane_row[AMX_HEADS][16];  /* head hh's lane i (row i / g, query head i % g) -> its query vector */
+    uint32_t qt[AMX_HEADS][MAX_D / 32][256] __attribute__((aligned(64)));
+    for (int hh = 0; hh < hn; hh++) {
+        for (int i = 0; i < nq; i++) lane_row[hh][i] = (i / g * hn + hh) * g + i % g;
+        pack_queries(qf, lane_row[hh], nq, chunks, qt[hh]);
+    }
+    __m512 vmax[AMX_HEADS], vsum[AMX_HEADS];
+    for (int hh = 0; hh < hn; hh++) vmax[hh] = _mm512_set1_ps(-INFINITY);
+    for (int64_t p0 = 0; p0 < n; p0 += 16) {  /* pass 1: scores [head][key][lane], each lane's max */
+        if (p0 + 16 < n)
+            for (int j = 0; j < 16; j++) prefetch_row(k_cache + SLOT(p0 + 16 + j) * D, hn * D * 2);
+        const uint16_t* kp = k_cache + SLOT(p0) * D;
+        __mmask16 hide[16] = {0};  /* per key: the lanes of rows that do not see it */
+        for (int j = p0 >= seen ? 0 : (int)(seen - p0); j < 16; j++)
+            for (int r = 0; r < rows; r++)
+                if (hidden_key(p0 + j, n_of[r], ts_of[r], tb_of[r])) hide[j] |= (__mmask16)(((1u << g) - 1) << (r * g));
+        for (int hh = 0; hh < hn; hh++) {
+            _tile_zero(0);
+            for (int c = 0; c < chunks; c++) {
+                _tile_loadd(4, kp + hh * D + 32 * c, ld);
+                _tile_loadd(5, qt[hh][c], 64);
+                _tile_dpbf16ps(0, 4, 5);
+            }
+            float* sp = S + (hh * n16 + p0) * 16;
+            _tile_stored(0, sp, 64);
+            for (int j = 0; j < 16; j++) {
+                const __m512 v = _mm512_mask_mov_ps(_mm512_load_ps(sp + 16 * j), hide[j], _mm512_set1_ps(-INFINITY));
+                _mm512_store_ps(sp + 16 * j, v);
+                vmax[hh] = _mm512_max_ps(vmax[hh], v);
+            }
+        }
+    }
+    for (int hh = 0; hh < hn; hh++) {  /* weights, and their sum in key order */
+        vsum[hh] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < n; p++) {
+            float* sp = S + (hh * n16 + p) * 16;
+            const __m512 w = exp512(_mm512_sub_ps(_mm512_load_ps(sp), vmax[hh]));
+            _mm512_store_ps(sp, w);
+            vsum[hh] = _mm512_add_ps(vsum[hh], w);
+        }
+    }
+    __m512 acc[MAX_G][MAX_D / 16], row[MAX_D / 16];  /* by lane: head hh's lane i at hh * nq + i */
+    for (int i = 0; i < hn * nq; i++)
+        for (int c = 0; c < nd; c++) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < n; p++) {  /* pass 2: values, in key order, as the kernel above */
+        if (p + BS < n) prefetch_row(v_cache + SLOT(p + BS) * D, hn * D * 2);
+        for (int hh = 0; hh < hn; hh++) {
+            const uint16_t* vp = v_cache + (SLOT(p) + hh) * D;
+            for (int c = 0; c < nd; c++) row[c] = load16_bf16(vp + 16 * c);
+            const float* w = S + (hh * n16 + p) * 16;
+            for (int i = 0; i < nq; i++) {
+                const __m512 wi = _mm512_set1_ps(w[i]);
+                for (int c = 0; c < nd; c++) acc[hh * nq + i][c] = _mm512_fmadd_ps(wi, row[c], acc[hh * nq + i][c]);
+            }
+        }
+    }
+#undef SLOT
+    for (int hh = 0; hh < hn; hh++) {
+        float l[16];
+        _mm512_storeu_ps(l, vsum[hh]);
+        for (int i = 0; i < nq; i++) {
+            const __m512 inv = _mm512_set1_ps(1.f / l[i]);
+            for (int c = 0; c < nd; c++)
+                _mm512_storeu_ps(out[lane_row[hh][i]] + 16 * c, _mm512_mul_ps(acc[hh * nq + i][c], inv));
+        }
+    }
+    (void)k_scale; (void)v_scale;
+}
+#endif
+
+int paged_decode_amx_f32_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* tables,
+                              const int64_t* ctx_lens, float* out, int B, int Hq, int Hk, int D, int BS,
+                              int max_blocks, float scale, const float* k_scale, const float* v_scale,
+                              const int64_t* tree_start, const int64_t* tree_bits) {
+    const int g = Hq / Hk;
+    (void)k_scale; (void)v_scale;  /* bfloat16 caches have no scales */
+#if HAVE_AMX
+    if (D % 32 || D > MAX_D || BS % 16 || g > 16 || !amx_permitted()) return 0;
+    int* first = (int*)malloc(sizeof(int) * (B + 1));
+    if (!first) return 0;
+    const int runs = group_rows(tables, ctx_lens, B, max_blocks, BS, 16 / g, first);
+    int widest = 0, hn = heads_per_task(B, Hk, g, 1);  /* fewer where a run's lanes overflow the accumulators */
+    for (int run = 0; run < runs; run++) widest = first[run + 1] - first[run] > widest ? first[run + 1] - first[run] : widest;
+    while (hn > 1 && (hn > AMX_HEADS || widest * g * hn > MAX_G || Hk % hn)) hn--;
+    const int64_t n16 = (longest(ctx_lens, B) + 15) & ~(int64_t)15;
+    int failed = 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+        tiles_configure();
+        float* S = (float*)aligned_alloc(64, (size_t)hn * n16 * 64);
+        failed = !S;
+        #pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int run = 0; run < runs; run++) {
+            for (int h = 0; h < Hk; h += hn) {
+                if (!S) continue;
+                float qf[MAX_G][MAX_D] __attribute__((aligned(64))), o[MAX_G][MAX_D] __attribute__((aligned(64)));
+                int64_t n_of[16], ts_of[16];
+                uint64_t tb_of[16];
+                const int b0 = first[run], rows = first[run + 1] - b0, gh = g * hn;
+                for (int r = 0; r < rows; r++) {
+                    const int b = b0 + r;
+                    n_of[r] = ctx_lens[b];
+                    ts_of[r] = tree_start ? tree_start[b] : ctx_lens[b];
+                    tb_of[r] = tree_start ? (uint64_t)tree_bits[b] : 0;
+                    const float* qp = q + ((int64_t)b * Hq + h * g) * D;
+                    for (int i = 0; i < gh; i++)
+                        for (int d = 0; d < D; d++) qf[r * gh + i][d] = qp[i * D + d] * scale;
+                }
+                head_bf16_amx(k_cache, v_cache, (const float (*)[MAX_D])qf, tables + (int64_t)b0 * max_blocks, rows,
+                              n_of, ts_of, tb_of, h, hn, g, Hk, D, BS, NULL, NULL, o, S);
+                for (int r = 0; r < rows; r++)
+                    for (int i = 0; i < gh; i++)
+                        memcpy(out + ((int64_t)(b0 + r) * Hq + h * g + i) * D, o[r * gh + i], sizeof(float) * D);
+            }
+        }
+        free(S);
+        _tile_release();
+    }
+    free(first);
+    return !failed;
+#else
+    (void)g;
+    return 0;  /* no tiles in this build */
+#endif
+}
 
 int kvflow_kernel_limits(int* max_g, int* max_d, int* max_bs) {
     *max_g = MAX_G; *max_d = MAX_D; *max_bs = MAX_BS;
