@@ -724,6 +724,24 @@ def test_step_time_model_seed_fit_and_refine():
     assert m.relative_error > 0
 
 
+def test_step_time_model_follows_the_machine_where_no_step_landed():
+    """Seeded while the machine ran 1.5x slower, then only single-token steps (drafts did not look
+    worth it): the sizes no step reached keep the seed's shape at the new speed, so a draft is priced
+    against what a one-token step costs now (a stale 4-token price had kept "auto" from drafting)."""
+    from kvflow.spec_decode.profile import SHAPES, shape_of
+
+    def law(s):
+        return 0.02 + 5e-4 * s.tokens + 1e-4 * s.rows + 1e-6 * s.kv_reads
+    m = StepTimeModel()
+    m.fit_seed([(shape_of(n, c if c < 100 else 512, r), 1.5 * law(shape_of(n, c if c < 100 else 512, r)))
+                for n, c, r in SHAPES])
+    one, four = shape_of(1, 200, 1), shape_of(4, 200, 4)
+    for _ in range(40):
+        m.observe(one, law(one))
+    assert m.predict(one) == pytest.approx(law(one), rel=0.02)
+    assert m.predict(four) == pytest.approx(law(four), rel=0.05)
+
+
 def test_step_time_seed_prices_batches_of_decodes_by_their_own_timing():
     """One request's few hundred keys stay in the CPU's cache; a batch's keys come from memory. With
     batches of decodes timed in the seed (each request in its own blocks), a 64-decode step at a

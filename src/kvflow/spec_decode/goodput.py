@@ -47,7 +47,8 @@ class StepTimeModel:
     error_sum: float = 0.0
     num_observed: int = 0
     error_ema: float = 0.05
-    _seeded: list[bool] = field(default_factory=lambda: [False] * len(KNOTS))
+    # knots a real step has moved; the others keep the seed's shape and follow the machine's speed
+    _observed: list[bool] = field(default_factory=lambda: [False] * len(KNOTS))
 
     @property
     def ready(self) -> bool:
@@ -88,7 +89,6 @@ class StepTimeModel:
             self.per_kv = max(0.0, t / (k + p))
         pts = sorted((s.tokens, t - self._extra(s)) for s, t in small.values())
         self.f = [self._interp(pts, x) for x in KNOTS]
-        self._seeded = [any(abs(x - n) == 0 for n, _ in pts) for x in KNOTS]
 
     @staticmethod
     def _interp(pts: list[tuple[int, float]], x: float) -> float:
@@ -127,7 +127,10 @@ class StepTimeModel:
         return self._f(s.tokens) + self._extra(s)
 
     def observe(self, s: StepShape, seconds: float) -> None:
-        """Record a real step: update the error, then move f's two nearest knots toward it."""
+        """Record a real step: update the error, then move f's two nearest knots toward it. Knots no
+        real step has reached move by the same fraction: the seed was timed at one moment, and on a VM
+        whose speed drifts a curve corrected only where steps land (one token, when drafts do not pay)
+        would price the untried sizes at the seed's speed and never try them."""
         if seconds <= 0:
             return
         pred = self.predict(s)
@@ -145,10 +148,13 @@ class StepTimeModel:
         x0, x1 = KNOTS[i - 1], KNOTS[i]
         w = (n - x0) / (x1 - x0)
         cur = self._f(n)
+        change = self.smoothing * (resid - cur)
         for j, wj in ((i - 1, 1 - w), (i, w)):
-            # a knot never measured takes the first real evidence fully; later ones by the EMA
-            a = self.smoothing * wj
-            self.f[j] += a * (resid - cur)
+            self.f[j] += wj * change
+            self._observed[j] = self._observed[j] or wj > 0
+        for j, seen in enumerate(self._observed):
+            if not seen:
+                self.f[j] *= 1 + change / cur
 
     def min_token_cost(self, tokens: int) -> float:
         """A lower bound on what one more token costs a step of at least `tokens` tokens: the
