@@ -770,6 +770,26 @@ def test_step_time_seed_prices_batches_of_decodes_by_their_own_timing():
     assert m.predict(single) == pytest.approx(law(single), rel=0.25)
 
 
+def test_a_request_that_stopped_drafting_is_tried_again():
+    """A request whose first trees all missed is worth little for a while; the steps it then spends
+    without drafts fade that evidence, so its nodes climb back to the slots' own rates (before, only
+    verifications moved it, and a request that stopped drafting never drafted again)."""
+    from kvflow.core.spec_tree import DraftTree
+    from kvflow.spec_decode.acceptance import AcceptanceModel, TreeProposal
+    model = AcceptanceModel()
+    prop = TreeProposal(DraftTree([5, 6, 7], [-1, 0, 0]), [0, 1, 2], [0.5, 0.2, 0.1])
+    for i in range(40):  # other requests: slot 0 reaches the path half the time
+        model.record_tree(f"other{i}", prop, [0] if i % 2 else [])
+    for _ in range(6):
+        model.record_tree("unlucky", prop, [])
+    fresh = model.tree_values("new", prop)[1][0]
+    low = model.tree_values("unlucky", prop)[1][0]
+    assert low < 0.6 * fresh
+    for _ in range(40):
+        model.fade("unlucky")
+    assert model.tree_values("unlucky", prop)[1][0] == pytest.approx(fresh, rel=0.15)
+
+
 def test_accepted_prefix():
     assert accepted_prefix([], [5]) == 0
     assert accepted_prefix([1, 2, 3], [1, 2, 3, 4]) == 3

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 from kvflow.core.spec_tree import DraftTree
 
-_DECAY = 0.9  # per verification, a request's old counts fade
+# per verification, a request's old counts fade; and per step it verifies nothing, too: a request
+# that stopped drafting after a few misses would otherwise keep its low estimate (only verifications
+# moved it) and never draft again
+_DECAY = 0.9
 _PRIOR = 2.0  # pseudo-counts of the pooled rate / slot prior
 
 
@@ -96,6 +99,14 @@ class AcceptanceModel:
         r = self.requests.setdefault(request_id, _RequestAcceptance())
         r.got, r.predicted = _DECAY * r.got + len(path), _DECAY * r.predicted + predicted
         self.record_chain(request_id, len(prop), len(path))
+
+    def fade(self, request_id: str) -> None:
+        """A step in which this request verified no drafts: its own evidence fades toward the pooled
+        rate and the slots' rates, so that it is tried again once the misses are old."""
+        r = self.requests.get(request_id)
+        if r is not None:
+            r.hits, r.trials = _DECAY * r.hits, _DECAY * r.trials
+            r.got, r.predicted = _DECAY * r.got, _DECAY * r.predicted
 
     def forget(self, keep: set[str]) -> None:
         """Drop the counts of requests no longer running."""

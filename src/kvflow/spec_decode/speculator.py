@@ -172,6 +172,8 @@ class Speculator:
         for r in decoding:
             d = chosen.get(r)
             k = len(d) if d is not None else 0
+            if not k:
+                self.acceptance.fade(r.request_id)
             self.stats.num_steps += 1
             self.stats.sum_k += k
             self.stats.k_histogram[k] = self.stats.k_histogram.get(k, 0) + 1
