@@ -47,8 +47,9 @@ class StepTimeModel:
     error_sum: float = 0.0
     num_observed: int = 0
     error_ema: float = 0.05
-    # knots a real step has moved; the others keep the seed's shape and follow the machine's speed
+    # knots a real step has moved; the others keep the seed's shape, scaled as their nearest moved knot
     _observed: list[bool] = field(default_factory=lambda: [False] * len(KNOTS))
+    _seed_f: list[float] | None = None
 
     @property
     def ready(self) -> bool:
@@ -89,6 +90,7 @@ class StepTimeModel:
             self.per_kv = max(0.0, t / (k + p))
         pts = sorted((s.tokens, t - self._extra(s)) for s, t in small.values())
         self.f = [self._interp(pts, x) for x in KNOTS]
+        self._seed_f = list(self.f)
 
     @staticmethod
     def _interp(pts: list[tuple[int, float]], x: float) -> float:
@@ -127,10 +129,12 @@ class StepTimeModel:
         return self._f(s.tokens) + self._extra(s)
 
     def observe(self, s: StepShape, seconds: float) -> None:
-        """Record a real step: update the error, then move f's two nearest knots toward it. Knots no
-        real step has reached move by the same fraction: the seed was timed at one moment, and on a VM
-        whose speed drifts a curve corrected only where steps land (one token, when drafts do not pay)
-        would price the untried sizes at the seed's speed and never try them."""
+        """Record a real step: update the error, then move f's two nearest knots toward it. A knot no
+        real step has reached keeps the seed's ratio to its nearest reached knot (the one below, else
+        above): the seed was timed at one moment, and on a VM whose speed drifts, a curve corrected only
+        where steps land (one token, when drafts do not pay) would price the untried sizes at the seed's
+        speed and never try them. The nearest knot, not all of them: a prompt step far away says
+        little about what two tokens cost."""
         if seconds <= 0:
             return
         pred = self.predict(s)
@@ -148,13 +152,19 @@ class StepTimeModel:
         x0, x1 = KNOTS[i - 1], KNOTS[i]
         w = (n - x0) / (x1 - x0)
         cur = self._f(n)
-        change = self.smoothing * (resid - cur)
         for j, wj in ((i - 1, 1 - w), (i, w)):
-            self.f[j] += wj * change
+            self.f[j] += self.smoothing * wj * (resid - cur)
             self._observed[j] = self._observed[j] or wj > 0
-        for j, seen in enumerate(self._observed):
-            if not seen:
-                self.f[j] *= 1 + change / cur
+        self._follow_observed()
+
+    def _follow_observed(self) -> None:
+        seen = [j for j, o in enumerate(self._observed) if o]
+        if self._seed_f is None or not seen:
+            return
+        for j in range(len(KNOTS)):
+            if not self._observed[j]:
+                a = max((k for k in seen if k < j), default=min(seen))
+                self.f[j] = self._seed_f[j] * self.f[a] / max(self._seed_f[a], 1e-9)
 
     def min_token_cost(self, tokens: int) -> float:
         """A lower bound on what one more token costs a step of at least `tokens` tokens: the
