@@ -62,15 +62,31 @@ void NAME(const T* x, T* residual, const T* w, T* out, int rows, int H, float ep
     }                                                                                             \
 }
 
-/* ---------------- SiLU(gate) * up ---------------- */
-#define DEFINE_SILU_MUL(NAME, T, LOAD, STORE, ROUND)                                              \
+/* ---------------- SiLU(gate) * up ----------------
+ * 16 lanes at a time where there is AVX-512 (LOAD16 widens to float32, STORE16 rounds and stores,
+ * ROUND16 rounds as ROUND does), then one at a time: the same values either way. */
+#ifdef __AVX512F__
+#define SILU_MUL_16(LOAD16, STORE16, ROUND16)                                                     \
+    for (; i + 16 <= I; i += 16) {                                                                \
+        const __m512 gv = LOAD16(g + i);                                                          \
+        const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(88.f))); \
+        const __m512 s = ROUND16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));      \
+        STORE16(o + i, _mm512_mul_ps(s, LOAD16(u + i)));                                          \
+    }
+static inline void store16_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, f32_to_bf16_16(v)); }
+#else
+#define SILU_MUL_16(LOAD16, STORE16, ROUND16)
+#endif
+#define DEFINE_SILU_MUL(NAME, T, LOAD, STORE, ROUND, LOAD16, STORE16, ROUND16)                    \
 void NAME(const T* gu, T* out, int rows, int I) {                                                 \
     _Pragma("omp parallel for schedule(static) if(rows >= PAR_ROWS)")                             \
     for (int t = 0; t < rows; t++) {                                                              \
         const T* g = gu + (int64_t)t * 2 * I;                                                     \
         const T* u = g + I;                                                                       \
         T* o = out + (int64_t)t * I;                                                              \
-        for (int i = 0; i < I; i++) o[i] = STORE(ROUND(silu(LOAD(g[i]))) * LOAD(u[i]));          \
+        int i = 0;                                                                                \
+        SILU_MUL_16(LOAD16, STORE16, ROUND16)                                                     \
+        for (; i < I; i++) o[i] = STORE(ROUND(silu(LOAD(g[i]))) * LOAD(u[i]));                   \
     }                                                                                             \
 }
 
@@ -97,62 +113,9 @@ void NAME(T* x, int rows, int stride, int H, int D, const float* cos, const floa
 
 DEFINE_ADD_RMSNORM(add_rmsnorm_f32, float, ID, ID, ID)
 DEFINE_ADD_RMSNORM(add_rmsnorm_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
-#ifdef __AVX512F__
-void silu_mul_f32(const float* gu, float* out, int rows, int I) {  /* as below, 16 lanes at a time */
-    #pragma omp parallel for schedule(static) if(rows >= PAR_ROWS)
-    for (int t = 0; t < rows; t++) {
-        const float* g = gu + (int64_t)t * 2 * I;
-        const float* u = g + I;
-        float* o = out + (int64_t)t * I;
-        int i = 0;
-        for (; i + 16 <= I; i += 16) {
-            const __m512 gv = _mm512_loadu_ps(g + i);
-            const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(88.f)));
-            const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
-        }
-        for (; i < I; i++) o[i] = silu(g[i]) * u[i];
-    }
-}
-
-static inline __m512 load16_bf16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-static inline __m512i rounded_bits(__m512 v) {  /* f32_to_bf16's rounding (to nearest even), in the high half */
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-}
-
-static inline __m512 round16_bf16(__m512 v) {  /* round_bf16 of each lane */
-    return _mm512_castsi512_ps(_mm512_and_si512(rounded_bits(v), _mm512_set1_epi32((int)0xFFFF0000)));
-}
-
-static inline void store16_bf16(uint16_t* p, __m512 v) {
-    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded_bits(v), 16)));
-}
-
-void silu_mul_bf16(const uint16_t* gu, uint16_t* out, int rows, int I) {  /* as below, 16 lanes at a time */
-    #pragma omp parallel for schedule(static) if(rows >= PAR_ROWS)
-    for (int t = 0; t < rows; t++) {
-        const uint16_t* g = gu + (int64_t)t * 2 * I;
-        const uint16_t* u = g + I;
-        uint16_t* o = out + (int64_t)t * I;
-        int i = 0;
-        for (; i + 16 <= I; i += 16) {
-            const __m512 gv = load16_bf16(g + i);
-            const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(88.f)));
-            const __m512 s = round16_bf16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
-            store16_bf16(o + i, _mm512_mul_ps(s, load16_bf16(u + i)));
-        }
-        for (; i < I; i++) o[i] = f32_to_bf16(round_bf16(silu(bf16_to_f32(g[i]))) * bf16_to_f32(u[i]));
-    }
-}
-#else
-DEFINE_SILU_MUL(silu_mul_f32, float, ID, ID, ID)
-DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
-#endif
+#define ID16(v) (v)
+DEFINE_SILU_MUL(silu_mul_f32, float, ID, ID, ID, _mm512_loadu_ps, _mm512_storeu_ps, ID16)
+DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16, load16_bf16, store16_bf16, round16_bf16)
 DEFINE_ROTARY(rotary_f32, float, ID, ID)
 DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 

@@ -148,9 +148,6 @@ static inline void prefetch_row(const void* p, int bytes) {
 
 /* 16 cache elements at p, widened to float32. */
 static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16_bf16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 static inline __m512 load16_fp8(const uint8_t* p) {
     return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)), fp8_table, 4);
 }
@@ -355,12 +352,7 @@ static void pack_queries(const float (*qf)[MAX_D], const int* lane_row, int nq, 
         uint32_t m[16][16] __attribute__((aligned(64)));  /* [query][value pair] */
         for (int i = 0; i < 16; i++) {
             __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int e = 0; e < 2 && i < nq; e++) {
-                const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(qf[lane_row[i]] + 32 * c + 16 * e));
-                const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-                half[e] = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
-                    _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
-            }
+            for (int e = 0; e < 2 && i < nq; e++) half[e] = f32_to_bf16_16(_mm512_loadu_ps(qf[lane_row[i]] + 32 * c + 16 * e));
             _mm512_store_si512(m[i], _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1));
         }
         __m512 t[16];
