@@ -105,3 +105,21 @@ def test_prefix_free_chunks_attend_causally_without_mask(dtype):
     fresh[0].causal_fresh = False
     want = attention.paged_attention(q, k, v, cache[0].clone(), cache[1].clone(), batch.meta, D ** -0.5)
     assert float((got.float() - want.float()).abs().max()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_back_to_back_chunks_are_sliced_not_gathered(dtype):
+    """Equal prompt chunks with no padding, after a decode, are views of the batch (flat_rows): the same
+    result as gathering their rows, bit for bit. Unequal chunks (padded) keep the gather."""
+    Hq, Hk, D, BS = 6, 2, 16, 4
+    batch = build_batch([([1], 7, [0, 1]), ([1] * 6, 0, [2, 3]), ([1] * 6, 0, [4, 5])], BS, torch.device("cpu"))
+    chunk = batch.meta.groups[-1]
+    assert chunk.flat_rows == (1, 13)
+    q, k, v = (_rand(13, h, D, dtype=dtype, seed=s) for s, h in ((0, Hq), (1, Hk), (2, Hk)))
+    cache = [_rand(8, BS, Hk, D, dtype=dtype, seed=s) for s in (3, 4)]
+    got = attention.paged_attention(q, k, v, cache[0].clone(), cache[1].clone(), batch.meta, D ** -0.5)
+    chunk.flat_rows = None
+    want = attention.paged_attention(q, k, v, cache[0].clone(), cache[1].clone(), batch.meta, D ** -0.5)
+    assert torch.equal(got, want)
+    uneven = build_batch([([1] * 6, 0, [2, 3]), ([1] * 5, 0, [4, 5])], BS, torch.device("cpu"))
+    assert uneven.meta.groups[-1].flat_rows is None

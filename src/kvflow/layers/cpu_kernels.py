@@ -120,8 +120,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     The caches are read in their stored dtype (k_scale / v_scale [num_blocks, block_size, Hk]
     float32 for int8), never copied. Draft-tree rows (int64 [B] each): row b sees the keys before
     tree_start[b], and past it only those whose bit (position - tree_start[b]) is set in tree_bits[b].
-    amx: float32 queries on a bfloat16 cache go through the AMX tile kernel where it applies (the C step's
-    choice; queries and weights rounded to bfloat16), else the AVX-512 one."""
+    amx: float32 queries on a bfloat16 cache are scored with AMX tiles where that applies (the C step's
+    choice; the queries rounded to bfloat16), else by the AVX-512 kernel."""
     q, block_tables, ctx_lens = q.contiguous(), block_tables.contiguous(), ctx_lens.contiguous()
     tree = None if tree_start is None else (tree_start.contiguous(), tree_bits.contiguous())  # alive for the call
     assert block_tables.dtype == ctx_lens.dtype == torch.int64
