@@ -38,6 +38,7 @@ import logging
 import platform
 import random
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,11 +249,10 @@ def _run_rows(llm, methods: dict, run, key: str, rounds: int, warmup: list[int],
     for name in rounds_rows[0]:
         runs = [rows[name] for rows in rounds_rows]
         by = "ratio" if name != "no-spec" and all(row["ratio"] is not None for row in runs) else key
-        ordered = sorted(runs, key=lambda row: row[by] or 0.0)
-        values = sorted(row[key] or 0.0 for row in runs)
-        merged[name] = dict(ordered[(len(ordered) - 1) // 2], round_ratios=[row["ratio"] for row in runs],
+        median_row = sorted(runs, key=lambda row: row[by] or 0.0)[(len(runs) - 1) // 2]  # the lower median
+        merged[name] = dict(median_row, round_ratios=[row["ratio"] for row in runs],
                             same_tokens=min(row["same_tokens"] for row in runs))
-        merged[name][key] = values[(len(values) - 1) // 2]
+        merged[name][key] = statistics.median_low(row[key] or 0.0 for row in runs)
     return merged
 
 

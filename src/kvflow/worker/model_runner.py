@@ -99,11 +99,11 @@ def _chunk_group(rows, lens_t, first_token, ctx_lens, tables, positions, bs: int
     ctx = int(ctx_lens[rows].max())
     group = _group(index, valid, tables[rows, :(ctx + bs - 1) // bs], positions[index], bs, device)
     group.causal_fresh = causal_fresh
-    if bool(valid.all()) and bool((m_first[1:] == m_first[:-1] + m_lens[:-1]).all()):  # equal, back to back
-        group.flat_rows = (int(m_first[0]), int(m_first[-1] + m_lens[-1]))
     # varlen layout (the triton backend): the rows' chunks back to back in the flat batch
     starts = torch.cat([m_first, m_first[-1:] + m_lens[-1:]])
     group.query_start_loc, group.query_starts = starts.to(device), starts.tolist()
+    if bool(valid.all()) and bool((m_first[1:] == m_first[:-1] + m_lens[:-1]).all()):  # equal, back to back
+        group.flat_rows = (group.query_starts[0], group.query_starts[-1])
     group.seq_lens, group.max_query_len = ctx_lens[rows].to(device), int(m_lens.max())
     return group
 

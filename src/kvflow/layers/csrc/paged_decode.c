@@ -283,6 +283,32 @@ static int group_rows(const int64_t* tables, const int64_t* ctx_lens, int B, int
     return runs;
 }
 
+/* One task (the row run `run`, kv heads h.. h + hn - 1) of a kernel below, whose locals these use
+ * (q, out, ctx_lens, tree_start, tree_bits, first, Hq, D, g, gh, scale): its rows' lengths and
+ * tree fields, its queries scaled into qf (row r's query head i at r * gh + i), and its outputs, o in
+ * the same order, stored back. QT: the query / output element type. */
+#define TASK_LOCALS                                                                                      \
+    float qf[MAX_G][MAX_D] __attribute__((aligned(64))), o[MAX_G][MAX_D] __attribute__((aligned(64)));  \
+    int64_t n_of[MAX_G], ts_of[MAX_G];                                                                   \
+    uint64_t tb_of[MAX_G];                                                                               \
+    const int b0 = first[run], rows = first[run + 1] - b0
+#define LOAD_TASK(QT, QLOAD)                                                                             \
+    for (int r = 0; r < rows; r++) {                                                                     \
+        const int b = b0 + r;                                                                            \
+        n_of[r] = ctx_lens[b];                                                                           \
+        ts_of[r] = tree_start ? tree_start[b] : ctx_lens[b];                                             \
+        tb_of[r] = tree_start ? (uint64_t)tree_bits[b] : 0;                                              \
+        const QT* qp = q + ((int64_t)b * Hq + h * g) * D;                                                \
+        for (int i = 0; i < gh; i++)                                                                     \
+            for (int d = 0; d < D; d++) qf[r * gh + i][d] = QLOAD(qp[i * D + d]) * scale;                \
+    }
+#define STORE_TASK(QT, QSTORE)                                                                           \
+    for (int r = 0; r < rows; r++) {                                                                     \
+        QT* op = out + ((int64_t)(b0 + r) * Hq + h * g) * D;                                             \
+        for (int i = 0; i < gh; i++)                                                                     \
+            for (int d = 0; d < D; d++) op[i * D + d] = QSTORE(o[r * gh + i][d]);                        \
+    }
+
 /* QT: query/output element type; CT: cache element type. */
 #define DEFINE_KERNEL(NAME, QT, QLOAD, QSTORE, CT, CTNAME)                                               \
 void NAME(const QT* q, const CT* k_cache, const CT* v_cache, const int64_t* tables, const int64_t* ctx_lens, \
@@ -295,26 +321,11 @@ void NAME(const QT* q, const CT* k_cache, const CT* v_cache, const int64_t* tabl
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                         \
     for (int run = 0; run < runs; run++) {                                                               \
         for (int h = 0; h < Hk; h += hn) {                                                               \
-            float qf[MAX_G][MAX_D] __attribute__((aligned(64))), o[MAX_G][MAX_D] __attribute__((aligned(64))); \
-            int64_t n_of[MAX_G], ts_of[MAX_G];                                                           \
-            uint64_t tb_of[MAX_G];                                                                       \
-            const int b0 = first[run], rows = first[run + 1] - b0;                                       \
-            for (int r = 0; r < rows; r++) {                                                             \
-                const int b = b0 + r;                                                                    \
-                n_of[r] = ctx_lens[b];                                                                   \
-                ts_of[r] = tree_start ? tree_start[b] : ctx_lens[b];                                     \
-                tb_of[r] = tree_start ? (uint64_t)tree_bits[b] : 0;                                      \
-                const QT* qp = q + ((int64_t)b * Hq + h * g) * D;                                        \
-                for (int i = 0; i < gh; i++)                                                             \
-                    for (int d = 0; d < D; d++) qf[r * gh + i][d] = QLOAD(qp[i * D + d]) * scale;        \
-            }                                                                                            \
+            TASK_LOCALS;                                                                                 \
+            LOAD_TASK(QT, QLOAD);                                                                        \
             HEAD(CTNAME)(k_cache, v_cache, (const float (*)[MAX_D])qf, tables + (int64_t)b0 * max_blocks, \
                          rows, n_of, ts_of, tb_of, h, hn, g, Hk, D, BS, k_scale, v_scale, o);             \
-            for (int r = 0; r < rows; r++) {                                                             \
-                QT* op = out + ((int64_t)(b0 + r) * Hq + h * g) * D;                                     \
-                for (int i = 0; i < gh; i++)                                                             \
-                    for (int d = 0; d < D; d++) op[i * D + d] = QSTORE(o[r * gh + i][d]);                \
-            }                                                                                            \
+            STORE_TASK(QT, QSTORE);                                                                      \
         }                                                                                                \
     }                                                                                                    \
     free(first);                                                                                         \
@@ -457,6 +468,7 @@ int paged_decode_amx_f32_bf16(const float* q, const uint16_t* k_cache, const uin
     int widest = 0, hn = heads_per_task(B, Hk, g, 1);  /* fewer where a run's lanes overflow the accumulators */
     for (int run = 0; run < runs; run++) widest = first[run + 1] - first[run] > widest ? first[run + 1] - first[run] : widest;
     while (hn > 1 && (hn > AMX_HEADS || widest * g * hn > MAX_G || Hk % hn)) hn--;
+    const int gh = g * hn;
     const int64_t n16 = (longest(ctx_lens, B) + 15) & ~(int64_t)15;
     int failed = 0;
     #pragma omp parallel reduction(|:failed)
@@ -468,24 +480,11 @@ int paged_decode_amx_f32_bf16(const float* q, const uint16_t* k_cache, const uin
         for (int run = 0; run < runs; run++) {
             for (int h = 0; h < Hk; h += hn) {
                 if (!S) continue;
-                float qf[MAX_G][MAX_D] __attribute__((aligned(64))), o[MAX_G][MAX_D] __attribute__((aligned(64)));
-                int64_t n_of[16], ts_of[16];
-                uint64_t tb_of[16];
-                const int b0 = first[run], rows = first[run + 1] - b0, gh = g * hn;
-                for (int r = 0; r < rows; r++) {
-                    const int b = b0 + r;
-                    n_of[r] = ctx_lens[b];
-                    ts_of[r] = tree_start ? tree_start[b] : ctx_lens[b];
-                    tb_of[r] = tree_start ? (uint64_t)tree_bits[b] : 0;
-                    const float* qp = q + ((int64_t)b * Hq + h * g) * D;
-                    for (int i = 0; i < gh; i++)
-                        for (int d = 0; d < D; d++) qf[r * gh + i][d] = qp[i * D + d] * scale;
-                }
+                TASK_LOCALS;
+                LOAD_TASK(float, ID);
                 head_bf16_amx(k_cache, v_cache, (const float (*)[MAX_D])qf, tables + (int64_t)b0 * max_blocks, rows,
                               n_of, ts_of, tb_of, h, hn, g, Hk, D, BS, NULL, NULL, o, S);
-                for (int r = 0; r < rows; r++)
-                    for (int i = 0; i < gh; i++)
-                        memcpy(out + ((int64_t)(b0 + r) * Hq + h * g + i) * D, o[r * gh + i], sizeof(float) * D);
+                STORE_TASK(float, ID);
             }
         }
         free(S);
