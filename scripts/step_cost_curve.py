@@ -1,6 +1,7 @@
-"""What one engine forward + LM head + sampling costs against the tokens in the step, the C step
-(model/fused_decode.py) against the layer-by-layer path, forced each way (KVFLOW_FUSED_OPS), at a
-context of 200 tokens: the cost curve speculation and batching pay. Median of 7 per point.
+"""What one engine forward + LM head + sampling costs against the tokens in the step, at a context
+of 200 tokens: the C step (model/fused_decode.py) with AMX tiles where the CPU has them, the C step
+without them, and the layer-by-layer path, forced each way. The sides take turns call by call (the
+VM's speed drifts); median of 7 per point. The cost curve speculation and batching pay.
 Usage (under the CPU lock): PYTHONPATH=src python scripts/step_cost_curve.py int8|int4|auto|bf16 [TOKENS ...]"""
 import os
 import statistics
@@ -10,6 +11,7 @@ import torch
 
 from kvflow.core.request import Request
 from kvflow.llm import LLM
+from kvflow.model.fused_decode import FusedDecodeStep
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.profile import _run
 
@@ -19,12 +21,24 @@ llm = LLM("smollm2-135m", **({"dtype": "bfloat16"} if q == "bf16" else {"quantiz
 runner, pool = llm.engine.runner, llm.engine.block_pool
 probe = Request("probe", [0], SamplingParams(), 0.0)
 assert pool.allocate_slots(probe, 200 + max(sizes))
+measured_amx = FusedDecodeStep._choose_amx
+SIDES = {"c": ("c", measured_amx), "c, no AMX": ("c", lambda *a: False), "torch": ("torch", measured_amx)}
+
+
+def step(n: int, side: str) -> float:
+    os.environ["KVFLOW_FUSED_OPS"], FusedDecodeStep._choose_amx = SIDES[side]
+    return _run(runner, [probe.block_ids], n, 200, n)
+
+
 ms = {}
 with torch.inference_mode():
     for n in sizes:
-        for side in ("c", "torch"):
-            os.environ["KVFLOW_FUSED_OPS"] = side
-            _run(runner, probe.block_ids, n, 200, n)  # warm-up (and the AMX-or-not choice)
-            ms[n, side] = statistics.median(_run(runner, probe.block_ids, n, 200, n) for _ in range(7)) * 1e3
-print(f"{q}: ms per step at context 200, tokens: C step / layer by layer")
-print("  ".join(f"{n}: {ms[n, 'c']:.1f}/{ms[n, 'torch']:.1f}" for n in sizes))
+        times = {side: [] for side in SIDES}
+        for side in SIDES:
+            step(n, side)  # warm-up (and the AMX-or-not choice)
+        for _ in range(7):
+            for side in SIDES:
+                times[side].append(step(n, side))
+        ms.update({(n, side): statistics.median(t) * 1e3 for side, t in times.items()})
+print(f"{q}: ms per step at context 200, tokens: " + " / ".join(SIDES))
+print("  ".join(f"{n}: " + "/".join(f"{ms[n, side]:.1f}" for side in SIDES) for n in sizes))

@@ -188,7 +188,7 @@ def test_start_up_chooses_every_step_size_once(tiny_dirs, monkeypatch, tmp_path)
     fused, cache_dtype = runner.model.fused_decode, runner.kv_caches[0][0].dtype
     assert all(fused.choices_known(1 << i, cache_dtype) for i in range(8))
     steps = {k for k in saved if k.startswith("('fused_decode'")}
-    assert len(steps) == 8 and steps <= set(json.loads(op_select._path().read_text()))
+    assert len(steps) == 8 and steps <= set(json.loads(op_select.cache_path().read_text()))
     saved.clear()
     monkeypatch.setattr(op_select, "_choice", {})
     monkeypatch.setattr(op_select, "_saved", None)

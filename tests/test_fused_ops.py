@@ -83,6 +83,10 @@ def test_choice_is_measured_once_per_shape_class_and_machine(monkeypatch, tmp_pa
     assert op_select.choose(("t", 1), make) == "c" and len(calls) == 1
     op_select.forget_saved()
     assert op_select.choose(("t", 1), make) == "c" and len(calls) == 2
+    order = []  # the candidates take turns, so that a slow spell of the machine lands on both
+    op_select.choose(("t", 3), lambda: {"c": lambda: order.append("c"), "torch": lambda: order.append("torch")},
+                     reps=3)
+    assert order == ["c", "torch"] * 4
     monkeypatch.setenv("KVFLOW_FUSED_OPS", "torch")
     assert op_select.choose(("t", 2), make) == "torch" and len(calls) == 2
     assert [op_select.rows_class(n) for n in (1, 2, 3, 33, 64, 65)] == [1, 2, 4, 64, 64, 128]

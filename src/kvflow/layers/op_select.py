@@ -39,7 +39,10 @@ def choose(key: tuple, make_candidates: Callable[[], dict[str, Callable[[], obje
            names: tuple[str, ...] = ("c", "torch"), reps: int = 7) -> str:
     """The name of the fastest candidate for `key`. The first time a key is seen, `make_candidates()`
     builds the candidates (on scratch copies of the inputs: they are called repeatedly) and each is
-    timed: best of `reps` after a warm-up. Later calls are a dict lookup."""
+    timed: best of `reps` after a warm-up, the candidates taking turns call by call, so that a slow
+    spell of the machine lands on all of them (timed one after the other, a VM that slowed down
+    midway had saved the AVX-512 C step for one row at 21 ms against 17 for AMX tiles). Later calls
+    are a dict lookup."""
     forced = mode()
     if forced in names:
         return forced
@@ -47,15 +50,15 @@ def choose(key: tuple, make_candidates: Callable[[], dict[str, Callable[[], obje
     if choice in names:
         _choice[key] = choice
     else:
-        best = {}
-        for name, fn in make_candidates().items():
+        candidates = make_candidates()
+        for fn in candidates.values():
             fn()
-            times = []
-            for _ in range(reps):
+        best = dict.fromkeys(candidates, float("inf"))
+        for _ in range(reps):
+            for name, fn in candidates.items():
                 t0 = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - t0)
-            best[name] = min(times)
+                best[name] = min(best[name], time.perf_counter() - t0)
         choice = _choice[key] = min(best, key=best.get)
         logger.debug("op %s: %s (%s)", key, choice, {k: f"{v * 1e6:.1f} us" for k, v in best.items()})
         _save(repr(key), choice)
@@ -72,12 +75,13 @@ def forget_saved() -> None:
     global _saved
     _choice.clear()
     _saved = {}
-    _path().unlink(missing_ok=True)
+    cache_path().unlink(missing_ok=True)
 
 
-def _path() -> Path:
+def cache_path() -> Path:
     path = kernel_choice.cache_path()  # per CPU, thread count and torch; and per build of the C kernels
-    name = path.name.replace("linear-", "ops-").replace(".json", f"-{cpu_kernels.source_digest()}.json")
+    # "v2": choices timed with the candidates taking turns; older files may hold a slow spell's verdict
+    name = path.name.replace("linear-", "ops-v2-").replace(".json", f"-{cpu_kernels.source_digest()}.json")
     return path.with_name(name)
 
 
@@ -85,7 +89,7 @@ def _saved_choices() -> dict[str, str]:
     global _saved
     if _saved is None:
         try:
-            _saved = json.loads(_path().read_text())
+            _saved = json.loads(cache_path().read_text())
         except (OSError, ValueError):
             _saved = {}
     return _saved
@@ -98,7 +102,7 @@ def _save(key: str, choice: str) -> None:
     saved = _saved_choices()
     saved[key] = choice
     try:
-        write_atomic(_path(), json.dumps(saved, indent=1, sort_keys=True))
+        write_atomic(cache_path(), json.dumps(saved, indent=1, sort_keys=True))
     except OSError as e:  # a read-only cache: the choice still holds for this process
         logger.debug("op choices not saved: %s", e)
 

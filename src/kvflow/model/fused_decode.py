@@ -167,7 +167,7 @@ class FusedDecodeStep:
         with speculation, or in a batch, equals greedy output alone)."""
         if op_select.mode() == "measure" and key in self._votes:
             return self._votes[key]
-        own = op_select.choose(key, candidates, reps=2) == "c"
+        own = op_select.choose(key, candidates, reps=3) == "c"
         keys = [key_of(1 << i) for i in range(MAX_ROWS.bit_length())]
         if op_select.mode() != "measure" or not all(op_select.known(k) for k in keys):
             return own  # a side forced (KVFLOW_FUSED_OPS), or sizes still untimed
@@ -205,7 +205,7 @@ class FusedDecodeStep:
         if not self.amx_available:
             return False
         return op_select.choose(key, lambda: {"amx": lambda: run(True), "plain": lambda: run(False)},
-                                names=("amx", "plain"), reps=2) == "amx"
+                                names=("amx", "plain"), reps=3) == "amx"
 
     def _set_caches(self, kv_caches: list) -> None:
         key = tuple(getattr(c, "data", c).data_ptr() for c in kv_caches)  # no per-layer view each step

@@ -61,13 +61,15 @@ def seed_samples(runner: ModelRunner, pool: BlockPool, quantization: str,
                  recalibrate: bool = False) -> list[tuple[StepShape, float]]:
     """time_shapes, timed once per (model file, precision, KV cache, pool, this machine) and kept
     (`recalibrate` times them again)."""
-    from kvflow.layers import cpu_kernels, kernel_choice
+    from kvflow.layers import cpu_kernels, kernel_choice, op_select
     path = Path(runner.model_path)
     key = {"model": file_key(path) if path.exists() else str(path), "dtype": str(runner.dtype),
            "quantization": quantization, "kv": str(runner.kv_cache_dtype), "device": str(runner.device),
            "block_size": pool.block_size, "num_blocks": pool.num_blocks,
            "positions": runner.model_config.max_position_embeddings, "shapes": [SHAPES, DECODE_BATCHES],
-           "kernels": cpu_kernels.source_digest(), **kernel_choice.cache_key()}
+           "kernels": cpu_kernels.source_digest(), **kernel_choice.cache_key(),
+           # which side runs each step size (chosen at start-up, before this) is in that file
+           "op_choices": op_select.cache_path().name}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     file = cache_dir("calibration") / f"step-times-{digest}.json"
     samples = None if recalibrate else _remembered[digest] if digest in _remembered else _load(file)
