@@ -127,3 +127,23 @@ def test_back_to_back_chunks_are_sliced_not_gathered(dtype):
     assert torch.equal(got, want)
     uneven = build_batch([([1] * 6, 0, [2, 3]), ([1] * 5, 0, [4, 5])], BS, torch.device("cpu"))
     assert uneven.meta.groups[-1].flat_rows is None
+
+
+def test_topk_kernel_equals_torch_topk():
+    """The one-pass top-k (Token Recycling's table refresh) picks the values torch.topk picks, largest
+    first, with ties and a row length that is not a multiple of 16; a row with fewer than k finite
+    values goes back to torch (None)."""
+    if cpu_kernels.kernels() is None:
+        pytest.skip("no C kernels")
+    x = _rand(9, 49157, dtype=torch.float32)
+    x[0, 5] = x[0, 7] = x[0, 49156] = 50.0  # a three-way tie at the top, one in the tail
+    x[1, ::2] = float("nan")  # NaN never enters
+    for k in (1, 8, 32):
+        got = cpu_kernels.topk_indices(x, k)
+        want = torch.nan_to_num(x, nan=float("-inf")).topk(k, dim=-1).values
+        assert torch.equal(torch.gather(x, 1, got), want), k
+    assert set(cpu_kernels.topk_indices(x, 3)[0].tolist()) == {5, 7, 49156}
+    few = torch.full((2, 40), float("-inf"))
+    few[1, :3] = 1.0
+    assert cpu_kernels.topk_indices(few, 8) is None
+    assert cpu_kernels.topk_indices(x, 33) is None

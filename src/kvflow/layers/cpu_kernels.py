@@ -84,6 +84,7 @@ def _build() -> ctypes.CDLL | None:
     lib.fused_linear.argtypes, lib.fused_linear.restype = [p, p, i, p], i
     lib.fused_use_amx.argtypes, lib.fused_use_amx.restype = [i], i
     lib.lse_argmax_f32.argtypes, lib.lse_argmax_f32.restype = [p, i, i, p, p], i
+    lib.topk_f32.argtypes, lib.topk_f32.restype = [p, i, i, i, p], i
     return lib
 
 
@@ -192,6 +193,20 @@ def lse_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     if _lib.lse_argmax_f32(logits.data_ptr(), logits.shape[0], logits.shape[1], lse.data_ptr(), argmax.data_ptr()):
         return None
     return lse, argmax
+
+
+def topk_indices(logits: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The indices of each row's k (<= 32) largest values, largest first (float32 [S, V] on the
+    CPU), or None when the kernels are off or a row has fewer than k values above -inf. Ties may
+    order differently from torch.topk."""
+    if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2 or not 0 < k <= 32
+            or kernels() is None):
+        return None
+    logits = logits.contiguous()
+    idx = torch.empty(logits.shape[0], k, dtype=torch.long)
+    if _lib.topk_f32(logits.data_ptr(), logits.shape[0], logits.shape[1], k, idx.data_ptr()):
+        return None
+    return idx
 
 
 def rotary_(rows: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -31,6 +31,8 @@ class StepShape:
 # Knots at the powers of two, and on both sides of the C step's row limit (model/fused_decode.py): a
 # step of one token more than it takes runs layer by layer, at a cost well above the line through them.
 KNOTS = tuple(sorted({1 << i for i in range(15)} | {FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1}))
+MAX_MARGIN = 0.3
+_MAX_PULL = 0.25  # of the knot's value, per observed step
 
 
 @dataclass
@@ -144,7 +146,8 @@ class StepTimeModel:
         err = abs(pred - seconds) / seconds
         self.error_sum += err
         self.num_observed += 1
-        self.error_ema = 0.9 * self.error_ema + 0.1 * err
+        # the margin follows the usual error, not a VM hiccup's (one 3x step had held it at its cap)
+        self.error_ema = 0.9 * self.error_ema + 0.1 * min(err, MAX_MARGIN)
         resid = max(1e-6, seconds - self._extra(s))
         n = min(max(s.tokens, KNOTS[0]), KNOTS[-1])
         i = max(1, bisect.bisect_right(KNOTS, n))
@@ -152,8 +155,11 @@ class StepTimeModel:
         x0, x1 = KNOTS[i - 1], KNOTS[i]
         w = (n - x0) / (x1 - x0)
         cur = self._f(n)
-        for j, wj in ((i - 1, 1 - w), (i, w)):
-            self.f[j] += self.smoothing * wj * (resid - cur)
+        # a step's pull is clipped (Huber): one step that a hiccup of the machine made 3x slower had
+        # moved its knots 40%, and the drafts priced there went untried until other steps undid it
+        pull = max(-_MAX_PULL * cur, min(_MAX_PULL * cur, resid - cur))
+        for j, wj in ((i - 1, 1 - w), (i, w)):  # (a knot pulled past zero by its neighbour's share stops short)
+            self.f[j] = max(0.05 * cur, self.f[j] + self.smoothing * wj * pull)
             self._observed[j] = self._observed[j] or wj > 0
         self._follow_observed()
 
@@ -176,7 +182,7 @@ class StepTimeModel:
     @property
     def margin(self) -> float:
         """How much better speculation must look than no speculation before it is tried."""
-        return max(0.02, min(0.3, 1.5 * self.error_ema))
+        return max(0.02, min(MAX_MARGIN, 1.5 * self.error_ema))
 
 
 # ---------------- choosing the drafts ----------------

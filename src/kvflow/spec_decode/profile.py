@@ -66,7 +66,7 @@ def seed_samples(runner: ModelRunner, pool: BlockPool, quantization: str,
     key = {"model": file_key(path) if path.exists() else str(path), "dtype": str(runner.dtype),
            "quantization": quantization, "kv": str(runner.kv_cache_dtype), "device": str(runner.device),
            "block_size": pool.block_size, "num_blocks": pool.num_blocks,
-           "positions": runner.model_config.max_position_embeddings, "shapes": [SHAPES, DECODE_BATCHES],
+           "positions": runner.model_config.max_position_embeddings, "shapes": [SHAPES, DECODE_BATCHES, "in turns"],
            "kernels": cpu_kernels.source_digest(), **kernel_choice.cache_key(),
            # which side runs each step size (chosen at start-up, before this) is in that file
            "op_choices": op_select.cache_path().name}
@@ -105,11 +105,13 @@ def time_shapes(runner: ModelRunner, pool: BlockPool, repeats: int = 2) -> list[
         return []
     batch_probes: list[Request] = []
     try:
-        out = []
         _run(runner, [probe.block_ids], *shapes[0])  # warm-up
-        for n, c, rows in shapes:
-            best = min(_run(runner, [probe.block_ids], n, c, rows) for _ in range(repeats))
-            out.append((shape_of(n, c, rows), best))
+        # the shapes take turns, so that a slow spell of the machine does not bend the curve
+        best = [float("inf")] * len(shapes)
+        for _ in range(repeats):
+            for i, (n, c, rows) in enumerate(shapes):
+                best[i] = min(best[i], _run(runner, [probe.block_ids], n, c, rows))
+        out = [(shape_of(n, c, rows), t) for (n, c, rows), t in zip(shapes, best)]
         if long >= 4 * SHORT:
             out += _time_decode_batches(runner, pool, long, repeats, batch_probes)
         return out

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
 import torch
 
 from kvflow.core.request import Request
+from kvflow.layers import cpu_kernels, op_select
 from kvflow.core.spec_tree import DraftTree
 from kvflow.spec_decode.acceptance import TreeProposal
 
@@ -48,21 +50,27 @@ class TokenRecyclingProposer:
         self.table = torch.full((vocab_size, topk), -1, dtype=torch.int32)
         self.tree = tree
         self.parents, self.ranks, self.prior = build_template(tree_size, topk)
-        # the template level by level: every node of a depth is filled by one lookup
-        d = [0] * len(self.parents)
+        self.depths = [0] * len(self.parents)
         for j, p in enumerate(self.parents):
-            d[j] = 1 if p < 0 else d[p] + 1
-        self.levels = []
-        for depth in range(1, max(d, default=0) + 1):
-            idx = [j for j in range(len(d)) if d[j] == depth]
-            self.levels.append((idx, [self.parents[j] for j in idx], [self.ranks[j] for j in idx]))
+            self.depths[j] = 1 if p < 0 else self.depths[p] + 1
+        self._levels: dict[int, list[tuple[list[int], list[int], list[int]]]] = {}
+
+    def levels(self, n: int) -> list[tuple[list[int], list[int], list[int]]]:
+        """The template's first n nodes (parents come first) level by level: (nodes, their parents,
+        their ranks); every node of a depth is filled by one lookup."""
+        if n not in self._levels:
+            d = self.depths[:n]
+            self._levels[n] = [([j for j in range(n) if d[j] == depth],
+                                [self.parents[j] for j in range(n) if d[j] == depth],
+                                [self.ranks[j] for j in range(n) if d[j] == depth]) for depth in range(1, max(d) + 1)]
+        return self._levels[n]
 
     def observe(self, input_tokens: list[int], logits: torch.Tensor) -> None:
         """logits[i] is what the target predicted after input_tokens[i] (drafts included: rejected
         or not, they are real model predictions after that token)."""
         if not input_tokens:
             return
-        top = logits.topk(self.table.shape[1], dim=-1).indices.to(device="cpu", dtype=torch.int32)
+        top = _top_indices(logits, self.table.shape[1]).to(device="cpu", dtype=torch.int32)
         self.table[torch.tensor(input_tokens, dtype=torch.long)] = top
 
     def propose(self, requests: list[Request], k: int) -> list[list[int]] | list[TreeProposal]:
@@ -87,17 +95,29 @@ class TokenRecyclingProposer:
         n = min(k, len(self.parents))
         if n <= 0 or not requests:
             return [TreeProposal(DraftTree([], []), [], []) for _ in requests]
-        roots = torch.tensor([r.all_token_ids[-1] for r in requests], dtype=torch.long)
-        tokens = torch.empty(len(requests), len(self.parents) + 1, dtype=torch.long)
-        tokens[:, -1] = roots  # parent index -1 reads the root
-        for idx, parents, ranks in self.levels:
+        # numpy on the table's memory: its small fancy lookups cost a tenth of torch's per call
+        table = self.table.numpy()
+        tokens = np.empty((len(requests), n + 1), dtype=np.int64)
+        tokens[:, -1] = [r.all_token_ids[-1] for r in requests]  # parent index -1 reads the root
+        for idx, parents, ranks in self.levels(n):
             src = tokens[:, parents]
-            tokens[:, idx] = torch.where(src >= 0, self.table[src.clamp(min=0), ranks].long(), -1)
-        tokens = tokens[:, :n]
+            tokens[:, idx] = np.where(src >= 0, table[np.maximum(src, 0), ranks], -1)
         out = []
-        for row in tokens.tolist():
+        for row in tokens[:, :n].tolist():
             keep = [j for j in range(n) if row[j] >= 0]  # a missing parent leaves its children missing
             where = {old: new for new, old in enumerate(keep)}
             parents = [-1 if self.parents[j] < 0 else where[self.parents[j]] for j in keep]
             out.append(TreeProposal(DraftTree([row[j] for j in keep], parents), keep, [self.prior[j] for j in keep]))
         return out
+
+
+def _top_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k best token ids: the C kernel's one pass where it is faster (measured), else torch."""
+    if logits.device.type == "cpu" and cpu_kernels.kernels() is not None:
+        key = ("topk", logits.shape[1], k, op_select.rows_class(logits.shape[0]))
+        candidates = {"c": lambda: cpu_kernels.topk_indices(logits, k), "torch": lambda: logits.topk(k, dim=-1)}
+        if op_select.choose(key, lambda: candidates) == "c":
+            top = cpu_kernels.topk_indices(logits, k)
+            if top is not None:
+                return top
+    return logits.topk(k, dim=-1).indices

@@ -84,9 +84,10 @@ class Speculator:
 
     # ---- after a step ----
     def observe_step(self, sched: SchedulerOutput, seconds: float, out: ModelRunnerOutput) -> None:
-        self.step_time.observe(step_layout(sched).shape(), seconds)
-        self.stats.step_time_error = self.step_time.relative_error
-        self.stats.step_time_observed = self.step_time.num_observed
+        if self.config.auto:  # only goodput choices read the step-time model
+            self.step_time.observe(step_layout(sched).shape(), seconds)
+            self.stats.step_time_error = self.step_time.relative_error
+            self.stats.step_time_observed = self.step_time.num_observed
         by_id = {s.request.request_id: s for s in sched.scheduled}
         if isinstance(self.proposer, TokenRecyclingProposer) and out.sample_logits is not None:
             # the sampled rows, in the runner's order: each request's last known token, then its drafts
