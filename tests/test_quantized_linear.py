@@ -97,8 +97,9 @@ def test_bundled_q4_1_loads_exactly_without_a_float_copy():
     assert torch.allclose(qt.dequantize(), want, atol=1e-5)
 
 
-def _write_tiny_gguf(path, types: dict[str, str]):
-    """A 1-layer llama GGUF (hidden 64, ffn 128, vocab 128) with the given GGML types per tensor."""
+def _write_tiny_gguf(path, types: dict[str, str], extra=None):
+    """A 1-layer llama GGUF (hidden 64, ffn 128, vocab 128) with the given GGML types per tensor;
+    extra(writer) adds metadata."""
     import gguf
     gen = torch.Generator().manual_seed(0)
     shapes = {"token_embd.weight": (128, 64), "output_norm.weight": (64,), "blk.0.attn_norm.weight": (64,),
@@ -110,6 +111,8 @@ def _write_tiny_gguf(path, types: dict[str, str]):
                        ("attention.head_count", 4), ("attention.head_count_kv", 4), ("context_length", 256)):
         (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    if extra is not None:
+        extra(w)
     values = {}
     for name, shape in shapes.items():
         a = (torch.randn(*shape, generator=gen) * (0.02 if len(shape) > 1 else 1) + (1 if len(shape) == 1 else 0)).numpy()
@@ -122,6 +125,33 @@ def _write_tiny_gguf(path, types: dict[str, str]):
     w.write_tensors_to_file()
     w.close()
     return values
+
+
+def test_gguf_reader_steps_over_the_vocabulary(tmp_path):
+    """kvflow's GGUF reader steps over arrays of strings and long arrays of numbers (a file's
+    vocabulary, merges and token types, which it never reads: seconds of gguf-py's parsing) and reads
+    every other field and every tensor as gguf-py does."""
+    import gguf
+
+    from kvflow.model.loader import _field_value, _open_gguf
+    path = tmp_path / "vocab.gguf"
+
+    def vocabulary(w):
+        w.add_array("tokenizer.ggml.tokens", [f"token {i}" for i in range(5000)])
+        w.add_array("tokenizer.ggml.token_type", [i % 3 for i in range(5000)])
+        w.add_array("tokenizer.ggml.scores", [0.5, 0.25])
+        w.add_uint32("tokenizer.ggml.eos_token_id", 7)
+    _write_tiny_gguf(path, {"blk.0.attn_q.weight": "Q8_0"}, extra=vocabulary)
+    ours, theirs = _open_gguf(path), gguf.GGUFReader(str(path))
+    stepped = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"}
+    assert ours.fields.keys() == theirs.fields.keys() and stepped < ours.fields.keys()
+    for key in stepped:
+        assert _field_value(ours.fields[key]) == [] and len(_field_value(theirs.fields[key])) == 5000
+    for key in ours.fields.keys() - stepped:
+        assert _field_value(ours.fields[key]) == _field_value(theirs.fields[key]), key
+    assert _field_value(ours.fields["tokenizer.ggml.scores"]) == [0.5, 0.25]
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
 
 
 def test_tiny_q8_0_gguf_loads_into_int8_and_q4_0_into_int4(tmp_path):

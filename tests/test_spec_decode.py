@@ -373,7 +373,8 @@ def tiny_drafts(ref_llm, tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["unknown_method", "negative_k", "missing_draft_model", "layer_skip_all",
-                                   "layer_skip_over", "small_vocab", "swapped_tokenizer", "short_context"])
+                                   "layer_skip_over", "small_vocab", "swapped_tokenizer", "short_context",
+                                   "tree_too_big"])
 def test_bad_configs_fail_at_startup(make_llm, ref_llm, tiny_drafts, which):
     """Every bad configuration raises ConfigError when the LLM is built, naming the problem."""
     layers = ref_llm.engine.model_config.num_layers
@@ -388,6 +389,8 @@ def test_bad_configs_fail_at_startup(make_llm, ref_llm, tiny_drafts, which):
         # A draft whose context is shorter than the engine's max_model_len would index past its
         # rotary table mid-generation: refuse it at start-up (or clamp max_model_len).
         "short_context": ({"method": "draft", "draft_model": tiny_drafts["short_context"]}, "max_model_len|context|position"),
+        # a node's ancestors are one 64-bit word in the attention kernels (a 66-node tree had crashed a bf16 step)
+        "tree_too_big": ({"method": "recycle", "num_speculative_tokens": 100}, "at most 64 nodes"),
     }[which]
     with pytest.raises(ConfigError, match=needle):
         make_llm(num_gpu_blocks=32, max_model_len=256, speculative_config=json.dumps(spec))
@@ -714,8 +717,10 @@ def test_step_time_model_seed_fit_and_refine():
         return 0.02 + 0.001 * max(0, s.tokens - 8) + 3e-4 * s.rows + 2e-6 * s.kv_reads + 1e-7 * s.attn_pairs
     m = StepTimeModel()
     m.fit_seed([(shape_of(n, c if c < 100 else 512, r), law(shape_of(n, c if c < 100 else 512, r))) for n, c, r in SHAPES])
-    for shape in (shape_of(1, 300, 1), shape_of(24, 40, 24), shape_of(64, 16, 64)):
+    for shape in (shape_of(1, 300, 1), shape_of(32, 40, 32), shape_of(64, 16, 64)):
         assert m.predict(shape) == pytest.approx(law(shape), rel=0.1), shape
+    # between 16 tokens and the C step's limit a step costs what the next 16-token tile does
+    assert m.predict(shape_of(17, 40, 17)) == pytest.approx(m.predict(shape_of(32, 40, 17)), rel=0.02)
     assert m.relative_error is None
     big = shape_of(200, 16, 200)
     for _ in range(30):
@@ -957,3 +962,29 @@ def test_auto_seeds_step_time_within_a_short_context_model(tiny_model_dir):
     out = llm.generate([5, 6, 7, 5, 6, 7, 5, 6], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert len(out.outputs[0].token_ids) == 8
     assert_blocks_free(llm)
+
+
+def test_prompt_lookup_index_finds_the_latest_match_as_tokens_grow():
+    """The incremental n-gram index proposes what a search of the whole sequence finds: the tokens
+    after the latest earlier occurrence of the longest matching suffix (max_n down to min_n)."""
+    from kvflow.core.request import Request
+    from kvflow.spec_decode.ngram import NgramProposer
+
+    def search(tokens, k, min_n, max_n):
+        for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+            starts = [j for j in range(len(tokens) - n) if tokens[j:j + n] == tokens[-n:]]
+            if starts:
+                return tokens[starts[-1] + n:starts[-1] + n + k]
+        return []
+    rng = random.Random(0)
+    for trial in range(50):
+        min_n = rng.randint(1, 3)
+        max_n = rng.randint(min_n, 5)
+        prop = NgramProposer(min_n, max_n)
+        req = Request(f"r{trial}", [rng.randint(0, 5) for _ in range(rng.randint(1, 5))], SamplingParams(), 0.0)
+        for _ in range(40):
+            k = rng.randint(0, 6)
+            want = search(req.all_token_ids, k, min_n, max_n) if len(req.all_token_ids) > min_n else []
+            assert prop.propose([req], k) == [want], (req.all_token_ids, k, min_n, max_n)
+            for _ in range(rng.randint(1, 3)):
+                req.append_token(rng.randint(0, 5))

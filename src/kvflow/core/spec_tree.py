@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# A node's ancestors are the bits of one 64-bit word in the attention kernels (C and Triton).
+MAX_TREE_NODES = 64
+
 
 @dataclass
 class DraftTree:

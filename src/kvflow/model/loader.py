@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import shutil
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,9 +201,30 @@ def _checked_gguf_reader():
     """GGUFReader that says a file is truncated (tensor data ends past the end of the file) instead
     of failing on a numpy reshape."""
     from gguf import GGUFReader
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
     class CheckedReader(GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            """Arrays of strings (the vocabulary, the merges) and of over 4096 numbers (the token
+            types) are stepped over, not read: kvflow uses none of them (transformers converts the
+            tokenizer from the file itself), and gguf-py builds a numpy view per item (3.4 s of
+            every quantized load for ~150k items). Such a field reads as an empty list."""
+            if raw_type != GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            kind = GGUFValueType(int(item_type[0]))
+            if kind != GGUFValueType.STRING and (count[0] <= 4096 or kind not in self.gguf_scalar_to_np):
+                return super()._get_field_parts(orig_offs, raw_type)
+            offs = orig_offs + 12
+            if kind == GGUFValueType.STRING:
+                length = struct.Struct(("<" if (self.byte_order == "I") == (sys.byteorder == "little") else ">") + "Q")
+                data = memoryview(self.data)
+                for _ in range(int(count[0])):
+                    offs += 8 + length.unpack_from(data, offs)[0]
+            else:
+                offs += int(count[0]) * np.dtype(self.gguf_scalar_to_np[kind]).itemsize
+            return offs - orig_offs, [item_type, count], [], [GGUFValueType.ARRAY, kind]
+
         def _build_tensors(self, start_offs, fields):
             end = 0
             for f in fields:  # parts: name length, name, n_dims, dims, type, offset

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
+from kvflow.core.spec_tree import MAX_TREE_NODES
 from kvflow.errors import ConfigError
 
 METHODS = ("ngram", "recycle", "lookahead", "draft")
@@ -79,6 +80,9 @@ class SpeculativeConfig:
             raise ConfigError(f"lookahead_ngram must be in [2, 16], got {self.lookahead_ngram}")
         if not 1 <= self.lookahead_branches <= 64:
             raise ConfigError(f"lookahead_branches must be in [1, 64], got {self.lookahead_branches}")
+        if self.uses_tree and self.max_tokens > MAX_TREE_NODES:
+            raise ConfigError(f"a draft tree has at most {MAX_TREE_NODES} nodes; {self.method!r} asks for "
+                              f"{self.max_tokens} (num_speculative_tokens / max_speculative_tokens)")
         if self.tree and self.method not in TREE_METHODS:
             raise ConfigError(f"tree drafts come from {list(TREE_METHODS)}, not {self.method!r}")
         if self.method == "draft" and (self.draft_model is None) == (self.layer_skip is None):

@@ -30,7 +30,13 @@ class StepShape:
 
 # Knots at the powers of two, and on both sides of the C step's row limit (model/fused_decode.py): a
 # step of one token more than it takes runs layer by layer, at a cost well above the line through them.
-KNOTS = tuple(sorted({1 << i for i in range(15)} | {FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1}))
+# Between TILE_ROWS and that limit a knot every TILE_ROWS tokens, and a step is priced at the knot at
+# or above it, not on the line: matmuls run in tiles of 16 rows (AMX; oneDNN's blocks alike), so 65
+# tokens cost what 80 do (64 decodes took 78 ms, with 10 draft tokens more 100-107 ms, where the line
+# from 64 to 128 said 90: drafts in batches of 64 were priced under their cost).
+TILE_ROWS = 16
+KNOTS = tuple(sorted({1 << i for i in range(15)} | set(range(TILE_ROWS, FUSED_MAX_ROWS + 1, TILE_ROWS))
+                     | {FUSED_MAX_ROWS + 1}))
 MAX_MARGIN = 0.3
 _MAX_PULL = 0.25  # of the knot's value, per observed step
 
@@ -38,7 +44,7 @@ _MAX_PULL = 0.25  # of the knot's value, per observed step
 @dataclass
 class StepTimeModel:
     """t = f(tokens) + per_row * rows + per_kv * kv_reads + per_pair * attn_pairs, with f piecewise
-    linear over KNOTS (linear past the last). Seeded by `fit_seed`, refined by `observe` (f moves
+    linear over KNOTS (linear past the last; a step in the tiled range, see KNOTS). Seeded by `fit_seed`, refined by `observe` (f moves
     toward each step's residual at its token count); `relative_error` is the running mean of
     |predicted - measured| / measured over real steps, taken before each refinement."""
     smoothing: float = 0.2
@@ -114,16 +120,19 @@ class StepTimeModel:
     def _extra(self, s: StepShape) -> float:
         return self.per_row * s.rows + self.per_kv * s.kv_reads + self.per_pair * s.attn_pairs
 
+    @staticmethod
+    def _support(n: float) -> list[tuple[int, float]]:
+        """The knots that price a step of n tokens, with their weights: the one at or above n in
+        the tiled range, else the two around n (the last two past the end, extrapolating)."""
+        if TILE_ROWS < n <= FUSED_MAX_ROWS:
+            return [(bisect.bisect_left(KNOTS, n), 1.0)]
+        n = max(n, KNOTS[0])
+        i = min(max(1, bisect.bisect_right(KNOTS, n)), len(KNOTS) - 1)
+        w = (n - KNOTS[i - 1]) / (KNOTS[i] - KNOTS[i - 1])
+        return [(i - 1, 1 - w), (i, w)]
+
     def _f(self, n: float) -> float:
-        f = self.f
-        if n <= KNOTS[0]:
-            return f[0]
-        if n >= KNOTS[-1]:
-            return f[-1] + (f[-1] - f[-2]) / (KNOTS[-1] - KNOTS[-2]) * (n - KNOTS[-1])
-        i = bisect.bisect_right(KNOTS, n)
-        x0, x1 = KNOTS[i - 1], KNOTS[i]
-        w = (n - x0) / (x1 - x0)
-        return (1 - w) * f[i - 1] + w * f[i]
+        return sum(w * self.f[j] for j, w in self._support(n))
 
     def predict(self, s: StepShape) -> float | None:
         if self.f is None:
@@ -149,16 +158,12 @@ class StepTimeModel:
         # the margin follows the usual error, not a VM hiccup's (one 3x step had held it at its cap)
         self.error_ema = 0.9 * self.error_ema + 0.1 * min(err, MAX_MARGIN)
         resid = max(1e-6, seconds - self._extra(s))
-        n = min(max(s.tokens, KNOTS[0]), KNOTS[-1])
-        i = max(1, bisect.bisect_right(KNOTS, n))
-        i = min(i, len(KNOTS) - 1)
-        x0, x1 = KNOTS[i - 1], KNOTS[i]
-        w = (n - x0) / (x1 - x0)
+        n = min(s.tokens, KNOTS[-1])
         cur = self._f(n)
         # a step's pull is clipped (Huber): one step that a hiccup of the machine made 3x slower had
         # moved its knots 40%, and the drafts priced there went untried until other steps undid it
         pull = max(-_MAX_PULL * cur, min(_MAX_PULL * cur, resid - cur))
-        for j, wj in ((i - 1, 1 - w), (i, w)):  # (a knot pulled past zero by its neighbour's share stops short)
+        for j, wj in self._support(n):  # (a knot pulled past zero by its neighbour's share stops short)
             self.f[j] = max(0.05 * cur, self.f[j] + self.smoothing * wj * pull)
             self._observed[j] = self._observed[j] or wj > 0
         self._follow_observed()
@@ -173,8 +178,9 @@ class StepTimeModel:
                 self.f[j] = self._seed_f[j] * self.f[a] / max(self._seed_f[a], 1e-9)
 
     def min_token_cost(self, tokens: int) -> float:
-        """A lower bound on what one more token costs a step of at least `tokens` tokens: the
-        smallest slope of f from there on, plus its row (its keys only add to that)."""
+        """A lower bound on what one more token costs a step of at least `tokens` tokens, on
+        average over a tile (a token in a tile already paid for costs only its row): the smallest
+        slope of f from there on, plus its row (its keys only add to that)."""
         f = self.f
         slopes = [(f[i] - f[i - 1]) / (KNOTS[i] - KNOTS[i - 1]) for i in range(1, len(KNOTS)) if KNOTS[i] > tokens]
         return self.per_row + min(slopes or [(f[-1] - f[-2]) / (KNOTS[-1] - KNOTS[-2])])
@@ -220,9 +226,11 @@ class StepLayout:
 @dataclass
 class Candidate:
     """One decoding request's offer: node values best first (parents before children, so each
-    value is at most its parent's), and its context length (tokens before the next one)."""
+    value is at most its parent's), and its context length (tokens before the next one). `weight`:
+    what one of its tokens is worth to the batch (Speculator.drain_weights), 1 while others wait."""
     values: list[float]
     context: int
+    weight: float = 1.0
 
 
 @dataclass
@@ -245,7 +253,7 @@ def choose_counts(cands: list[Candidate], base: StepLayout, model: StepTimeModel
     n = len(cands)
     # Useful work without drafts: each decoding request's next token, and every prompt token the
     # step computes (drafts that slow prefill down must pay for that too).
-    base_tokens = float(n + base.chunk_tokens)
+    base_tokens = sum(c.weight for c in cands) + base.chunk_tokens
     t0 = model.predict(base.shape())
     if t0 is None:  # nothing known at all: verify everything once; the step gets measured
         full = [len(c.values) for c in cands]
@@ -255,8 +263,14 @@ def choose_counts(cands: list[Candidate], base: StepLayout, model: StepTimeModel
     # A node whose value is below g0 x (the least one more token can cost) lowers the ratio of any
     # prefix it joins, and so do all after it (values only fall): such nodes are never priced. On a
     # batch where drafts do not pay, that is most of them (pricing them had cost 4% of a batch-16 step).
+    # In the tiled range a token can cost only its row, in the tile the nodes before it opened: so
+    # below the cutoff, the best TILE_ROWS - 1 nodes worth more than a row are still priced.
     cutoff = max(0.005, g0 * model.min_token_cost(base.shape().tokens))
-    order = sorted(((v, i) for i, c in enumerate(cands) for v in c.values if v > cutoff), key=lambda x: -x[0])
+    floor = max(0.005, g0 * model.per_row)
+    order = sorted(((v * c.weight, i) for i, c in enumerate(cands) for v in c.values if v * c.weight > floor),
+                   key=lambda x: -x[0])
+    paying = bisect.bisect_left([-v for v, _ in order], -cutoff)  # the nodes above the cutoff come first
+    order = order[:paying + TILE_ROWS - 1]
     best_ratio, best_upto, best_t = g0, 0, t0
     lay = StepLayout(**vars(base))
     chosen = [0] * n
