@@ -907,22 +907,24 @@ def test_bench_spec_tiny(make_llm, monkeypatch, tmp_path):
 
 
 def test_bench_spec_rounds_report_medians(monkeypatch):
-    """--rounds: rows run in turn; a row reports its median tok/s over rounds and the median of its
-    per-round ratios to that round's no-spec row, with every round's ratio and its worst token match."""
+    """--rounds: rows run in turn (every other round in reverse order); a row reports its median
+    tok/s over rounds and the median of its per-round ratios to that round's no-spec row, with every
+    round's ratio and its worst token match."""
     from kvflow.bench import spec
 
-    monkeypatch.setattr(spec, "_set_speculator", lambda *args: None)
-    rounds = iter([(100, 150, [[1]]), (80, 60, [[2]]), (120, 150, [[3]])])  # (no-spec, method) tok/s per round
-    current = []
+    per_round = [(100, 150, [[1]]), (80, 60, [[2]]), (120, 150, [[3]])]  # (no-spec, method) tok/s per round
+    current, calls = {}, []
+    monkeypatch.setattr(spec, "_set_speculator", lambda llm, config, *args: current.update(config=config))
 
     def run():
-        if not current:
-            current.extend(next(rounds))
-            return {"tok": current[0], "spec": None, "_outputs": [[0]]}
-        base, value, outputs = current
-        current.clear()
+        base, value, outputs = per_round[len(calls) // 2]
+        calls.append("no-spec" if current["config"] is None else "m")
+        if current["config"] is None:
+            return {"tok": base, "spec": None, "_outputs": [[0]]}
         return {"tok": value, "spec": None, "_outputs": outputs if value == 60 else [[0]]}
-    rows = spec._run_rows(None, {"m": {}}, run, "tok", 3, [], 4, "test")
+    rows = spec._run_rows(None, {"m": {"method": "ngram"}}, run, "tok", 3, [], 4, "test")
+    assert calls == ["no-spec", "m", "m", "no-spec", "no-spec", "m"]
+    assert list(rows) == ["no-spec", "m"]
     assert rows["no-spec"]["tok"] == 100 and rows["m"]["tok"] == 150
     assert rows["m"]["round_ratios"] == pytest.approx([1.5, 0.75, 1.25])
     assert rows["m"]["ratio"] == pytest.approx(1.25) and rows["m"]["same_tokens"] == 0

@@ -233,16 +233,19 @@ def _compare_rows(rows: dict, key: str) -> None:
 def _run_rows(llm, methods: dict, run, key: str, rounds: int, warmup: list[int], output_len: int,
               label: str) -> dict:
     """The no-spec row and each method's, `rounds` times in turn, so that the machine's drift lands
-    on every row alike rather than on whichever ran during a slow minute. A row reports the median of
+    on every row alike rather than on whichever ran during a slow minute; every other round runs them
+    in reverse order, so a drift across a round does not always land on the same row. A row reports the median of
     `key` over its rounds, the median of its per-round ratios to the same round's no-spec (with the
     speculation stats of that round), every round's ratio, and the fewest outputs equal to no-spec's."""
     rounds_rows = []
     for r in range(rounds):
+        order = [("no-spec", None), *methods.items()]
         rows = {}
-        for name, spec in [("no-spec", None), *methods.items()]:
+        for name, spec in order if r % 2 == 0 else order[::-1]:
             logger.info("%s, %s (round %d of %d)", label, name, r + 1, rounds)
             _set_speculator(llm, spec, warmup, output_len)
             rows[name] = run()
+        rows = {name: rows[name] for name, _ in order}
         _compare_rows(rows, key)
         rounds_rows.append(rows)
     merged = {}
