@@ -1003,3 +1003,18 @@ def test_draining_offline_batch_drafts_only_for_the_requests_with_most_left():
     cands = [Candidate([0.95] * 4, 100, weight=0.0), Candidate([0.95] * 4, 100), Candidate([0.95] * 4, 100)]
     counts = choose_counts(cands, _decodes(3), m).counts
     assert counts[0] == 0 and counts[1] == counts[2] == 4
+
+
+def test_drafts_never_push_waiting_prompt_tokens_out_of_a_full_step():
+    """With the token budget full of a waiting prompt's chunk, a draft takes a prompt token's place:
+    however likely it is to be accepted it gains nothing, so none is chosen; with room left, the
+    same drafts are."""
+    m = _model(lambda n: 0.01 + 1e-5 * n)
+    cands = [Candidate([0.9] * 4, 100) for _ in range(4)]
+    full = _decodes(4)
+    full.add_chunk(508, 508, 0)
+    full.displaceable = 508
+    assert choose_counts(cands, full, m).counts == [0, 0, 0, 0]
+    roomy = _decodes(4)
+    roomy.add_chunk(200, 200, 0)
+    assert sum(choose_counts(cands, roomy, m).counts) > 0

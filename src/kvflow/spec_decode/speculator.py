@@ -240,7 +240,8 @@ def _next_layout(scheduler: Scheduler) -> tuple[list[Request], StepLayout]:
             decoding.append(r)
             lay.add_decode(r.num_tokens)
             budget -= 1
-    for r in [*scheduler.running, *scheduler.waiting]:
+    waiting = len(scheduler.running)
+    for i, r in enumerate([*scheduler.running, *scheduler.waiting]):
         if budget <= 0:
             break
         left = r.num_tokens - r.num_computed_tokens
@@ -248,6 +249,8 @@ def _next_layout(scheduler: Scheduler) -> tuple[list[Request], StepLayout]:
             continue
         n = min(left, budget)
         lay.add_chunk(n, r.num_computed_tokens + n, 1 if n == left else 0)
+        if i >= waiting:  # drafts are scheduled before waiting prompts: each takes one of these tokens' place
+            lay.displaceable += n
         budget -= n
     return decoding, lay
 
