@@ -756,7 +756,8 @@ def test_step_time_model_shrugs_off_one_hiccup():
     def law(s):
         return 0.015 + 2e-4 * s.tokens + 1e-4 * s.rows + 1e-6 * s.kv_reads
     m = StepTimeModel()
-    m.fit_seed([(shape_of(n, c if c < 100 else 512, r), law(shape_of(n, c if c < 100 else 512, r))) for n, c, r in SHAPES])
+    shapes = [shape_of(n, c if c < 100 else 512, r) for n, c, r in SHAPES]
+    m.fit_seed([(s, law(s)) for s in shapes])
     tree = shape_of(9, 200, 9)
     before = m.predict(tree)
     m.observe(tree, 3 * law(tree))

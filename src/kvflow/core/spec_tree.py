@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# A node's ancestors are the bits of one 64-bit word in the attention kernels (C and Triton).
+# A node's ancestors are the bits of one 64-bit word in the C decode kernel (tree_bits).
 MAX_TREE_NODES = 64
 
 

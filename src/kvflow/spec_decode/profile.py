@@ -66,7 +66,8 @@ def seed_samples(runner: ModelRunner, pool: BlockPool, quantization: str,
     key = {"model": file_key(path) if path.exists() else str(path), "dtype": str(runner.dtype),
            "quantization": quantization, "kv": str(runner.kv_cache_dtype), "device": str(runner.device),
            "block_size": pool.block_size, "num_blocks": pool.num_blocks,
-           "positions": runner.model_config.max_position_embeddings, "shapes": [SHAPES, DECODE_BATCHES, "in turns"],
+           "positions": runner.model_config.max_position_embeddings,
+           "shapes": [SHAPES, DECODE_BATCHES, "in turns"],
            "kernels": cpu_kernels.source_digest(), **kernel_choice.cache_key(),
            # which side runs each step size (chosen at start-up, before this) is in that file
            "op_choices": op_select.cache_path().name}

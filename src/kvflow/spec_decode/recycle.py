@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from kvflow.core.request import Request
-from kvflow.layers import cpu_kernels, op_select
 from kvflow.core.spec_tree import DraftTree
+from kvflow.layers import cpu_kernels, op_select
 from kvflow.spec_decode.acceptance import TreeProposal
 
 # Prior P(rank-r successor is the target's next token | its parent was accepted). Shallow nodes

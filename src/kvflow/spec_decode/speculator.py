@@ -76,7 +76,6 @@ class Speculator:
         self.step_time = StepTimeModel()
         self.acceptance = AcceptanceModel()
         self._proposed: dict[str, TreeProposal | list[int]] = {}  # what each request verifies next
-        self._weights: list[float] = []  # this step's drain_weights, per decoding request
         self.last_choice: Choice | None = None
 
     @property
@@ -138,10 +137,10 @@ class Speculator:
         depth_limits = [self._room(r, scheduler) for r in decoding]  # tokens that could still be kept
         limits = [min(d, room) for d in depth_limits]
         max_k = self.config.max_tokens
-        self._weights = drain_weights(depth_limits, offline and not scheduler.waiting and not layout.chunk_tokens)
+        weights = drain_weights(depth_limits, offline and not scheduler.waiting and not layout.chunk_tokens)
         if self.needs_blocks:  # a draft model: choose K first, its drafts cost forward passes
             values = [chain_values(self.acceptance.chain_rate(r.request_id), min(max_k, n)) for r, n in zip(decoding, limits)]
-            counts = self._counts(decoding, values, layout, max_k)
+            counts = self._counts(decoding, values, layout, max_k, weights)
             k = max(counts)
             ready = [r for r, n in zip(decoding, limits) if k and n >= k and self.reserve(r, r.num_tokens + k - 1)]
             drafts = self.proposer.propose(ready, k) if k else []
@@ -150,7 +149,7 @@ class Speculator:
             return self._finish(decoding, chosen)
         if self.config.auto and not self.config.uses_tree and not any(self._counts(
                 decoding, [chain_values(self.acceptance.chain_rate(r.request_id), min(max_k, n))
-                           for r, n in zip(decoding, limits)], layout, max_k)):
+                           for r, n in zip(decoding, limits)], layout, max_k, weights)):
             # even full-length chains at each request's own rate would not pay: skip proposing
             return self._finish(decoding, {})
         proposals = self.proposer.propose(decoding, max_k)
@@ -164,7 +163,7 @@ class Speculator:
                 v = chain_values(self.acceptance.chain_rate(r.request_id), len(prop))
             ordered.append(prop)
             values.append(v)
-        counts = self._counts(decoding, values, layout, max_k)
+        counts = self._counts(decoding, values, layout, max_k, weights)
         chosen = {}
         for r, prop, c in zip(decoding, ordered, counts):
             if c:
@@ -186,10 +185,11 @@ class Speculator:
                 self.stats.num_trees += 1
         return {r: d for r, d in chosen.items() if len(d)}
 
-    def _counts(self, reqs: list[Request], values: list[list[float]], layout: StepLayout, max_k: int) -> list[int]:
+    def _counts(self, reqs: list[Request], values: list[list[float]], layout: StepLayout, max_k: int,
+                weights: list[float]) -> list[int]:
         if not self.config.auto:
             return [min(max_k, len(v)) for v in values]
-        cands = [Candidate(v[:max_k], r.num_tokens - 1, w) for r, v, w in zip(reqs, values, self._weights)]
+        cands = [Candidate(v[:max_k], r.num_tokens - 1, w) for r, v, w in zip(reqs, values, weights)]
         self.last_choice = choose_counts(cands, layout, self.step_time)
         return self.last_choice.counts
 
