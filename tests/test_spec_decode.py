@@ -993,18 +993,6 @@ def test_prompt_lookup_index_finds_the_latest_match_as_tokens_grow():
                 req.append_token(rng.randint(0, 5))
 
 
-def test_draining_offline_batch_drafts_only_for_the_requests_with_most_left():
-    """An offline batch that nothing waits to join ends with its longest request: the requests well
-    ahead of it get weight 0 (no drafts for them), the others count as usual; a server's requests,
-    or a batch with prompts waiting, all count."""
-    from kvflow.spec_decode.speculator import drain_weights
-    assert drain_weights([10, 50, 46], draining=False) == [1.0, 1.0, 1.0]
-    assert drain_weights([10, 50, 46], draining=True) == [0.0, 1.0, 1.0]
-    m = _model(lambda n: 0.01 + 1e-4 * n)
-    cands = [Candidate([0.95] * 4, 100, weight=0.0), Candidate([0.95] * 4, 100), Candidate([0.95] * 4, 100)]
-    counts = choose_counts(cands, _decodes(3), m).counts
-    assert counts[0] == 0 and counts[1] == counts[2] == 4
-
 
 def test_drafts_never_push_waiting_prompt_tokens_out_of_a_full_step():
     """With the token budget full of a waiting prompt's chunk, a draft takes a prompt token's place:

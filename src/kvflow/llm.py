@@ -33,7 +33,6 @@ class LLM:
         config = EngineConfig.from_options(model=model, dtype=dtype, device=device, seed=seed,
                                            speculative_config=speculative_config, **options)
         self.engine = LLMEngine(config)
-        self.engine.offline = True
         self._next_id = 0
 
     def get_tokenizer(self):

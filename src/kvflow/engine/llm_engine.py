@@ -68,10 +68,6 @@ class LLMEngine:
         self._ids = itertools.count()
         self._aborted_samples: list[Request] = []  # finished outside a step: reported by the next one
         self.speculator: Speculator | None = None
-        # LLM.generate's caller waits for every request it added: when none waits to start, speculation
-        # serves the batch's end, not each request's own speed (Speculator.drain_weights). A server's
-        # requests each have a client waiting: False.
-        self.offline = False
         self._step_time_samples: list | None = None  # timed once per engine, for every "auto" speculator
         self.set_speculative_config(config.speculative_config)
         self.num_prompt_tokens_total = 0
@@ -229,7 +225,7 @@ class LLMEngine:
             for req, num_drafts, num_accepted in update.verified:
                 self.speculator.record_verification(req, num_drafts, num_accepted)
             self.speculator.observe_step(sched, seconds, result)
-            self.scheduler.set_draft_tokens(self.speculator.propose(self.scheduler, offline=self.offline))
+            self.scheduler.set_draft_tokens(self.speculator.propose(self.scheduler))
         return self.output_processor.make_outputs(failed + aborted + update.touched)
 
     def _fail_broken_grammars(self) -> list[Request]:

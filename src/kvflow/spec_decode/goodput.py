@@ -228,11 +228,9 @@ class StepLayout:
 @dataclass
 class Candidate:
     """One decoding request's offer: node values best first (parents before children, so each
-    value is at most its parent's), and its context length (tokens before the next one). `weight`:
-    what one of its tokens is worth to the batch (Speculator.drain_weights), 1 while others wait."""
+    value is at most its parent's), and its context length (tokens before the next one)."""
     values: list[float]
     context: int
-    weight: float = 1.0
 
 
 @dataclass
@@ -258,7 +256,7 @@ def choose_counts(cands: list[Candidate], base: StepLayout, model: StepTimeModel
     n = len(cands)
     # Useful work without drafts: each decoding request's next token, and every prompt token the
     # step computes (drafts that slow prefill down must pay for that too).
-    base_tokens = sum(c.weight for c in cands) + base.chunk_tokens
+    base_tokens = float(n + base.chunk_tokens)
     t0 = model.predict(base.shape())
     if t0 is None:  # nothing known at all: verify everything once; the step gets measured
         full = [len(c.values) for c in cands]
@@ -272,8 +270,7 @@ def choose_counts(cands: list[Candidate], base: StepLayout, model: StepTimeModel
     # below the cutoff, the best TILE_ROWS - 1 nodes worth more than a row are still priced.
     cutoff = max(0.005, g0 * model.min_token_cost(base.shape().tokens))
     floor = max(0.005, g0 * model.per_row)
-    order = sorted(((v * c.weight, i) for i, c in enumerate(cands) for v in c.values if v * c.weight > floor),
-                   key=lambda x: -x[0])
+    order = sorted(((v, i) for i, c in enumerate(cands) for v in c.values if v > floor), key=lambda x: -x[0])
     paying = bisect.bisect_left([-v for v, _ in order], -cutoff)  # the nodes above the cutoff come first
     order = order[:paying + TILE_ROWS - 1]
     best_ratio, best_upto, best_t = g0, 0, t0

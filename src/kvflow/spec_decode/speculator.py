@@ -23,7 +23,6 @@ from kvflow.spec_decode.recycle import TokenRecyclingProposer
 from kvflow.worker.model_runner import ModelRunner
 
 _EMA = 0.3  # weight of the newest step in a request's acceptance-rate average
-DRAIN_SLACK = 0.1  # drain_weights: requests this close (relative) to the one with the most left still count
 
 
 @dataclass
@@ -121,9 +120,8 @@ class Speculator:
         self.stats.num_verifications += 1
 
     # ---- before the next step ----
-    def propose(self, scheduler: Scheduler, offline: bool = False) -> dict[Request, list[int] | DraftTree]:
-        """Drafts for the next step, per decoding request: a chain, or a tree. `offline`: the caller
-        waits for the whole batch (LLM.generate; see drain_weights)."""
+    def propose(self, scheduler: Scheduler) -> dict[Request, list[int] | DraftTree]:
+        """Drafts for the next step, per decoding request: a chain, or a tree."""
         decoding, layout = _next_layout(scheduler)
         self._proposed = {}
         if not decoding:
@@ -137,10 +135,9 @@ class Speculator:
         depth_limits = [self._room(r, scheduler) for r in decoding]  # tokens that could still be kept
         limits = [min(d, room) for d in depth_limits]
         max_k = self.config.max_tokens
-        weights = drain_weights(depth_limits, offline and not scheduler.waiting and not layout.chunk_tokens)
         if self.needs_blocks:  # a draft model: choose K first, its drafts cost forward passes
             values = [chain_values(self.acceptance.chain_rate(r.request_id), min(max_k, n)) for r, n in zip(decoding, limits)]
-            counts = self._counts(decoding, values, layout, max_k, weights)
+            counts = self._counts(decoding, values, layout, max_k)
             k = max(counts)
             ready = [r for r, n in zip(decoding, limits) if k and n >= k and self.reserve(r, r.num_tokens + k - 1)]
             drafts = self.proposer.propose(ready, k) if k else []
@@ -149,7 +146,7 @@ class Speculator:
             return self._finish(decoding, chosen)
         if self.config.auto and not self.config.uses_tree and not any(self._counts(
                 decoding, [chain_values(self.acceptance.chain_rate(r.request_id), min(max_k, n))
-                           for r, n in zip(decoding, limits)], layout, max_k, weights)):
+                           for r, n in zip(decoding, limits)], layout, max_k)):
             # even full-length chains at each request's own rate would not pay: skip proposing
             return self._finish(decoding, {})
         proposals = self.proposer.propose(decoding, max_k)
@@ -163,7 +160,7 @@ class Speculator:
                 v = chain_values(self.acceptance.chain_rate(r.request_id), len(prop))
             ordered.append(prop)
             values.append(v)
-        counts = self._counts(decoding, values, layout, max_k, weights)
+        counts = self._counts(decoding, values, layout, max_k)
         chosen = {}
         for r, prop, c in zip(decoding, ordered, counts):
             if c:
@@ -185,11 +182,10 @@ class Speculator:
                 self.stats.num_trees += 1
         return {r: d for r, d in chosen.items() if len(d)}
 
-    def _counts(self, reqs: list[Request], values: list[list[float]], layout: StepLayout, max_k: int,
-                weights: list[float]) -> list[int]:
+    def _counts(self, reqs: list[Request], values: list[list[float]], layout: StepLayout, max_k: int) -> list[int]:
         if not self.config.auto:
             return [min(max_k, len(v)) for v in values]
-        cands = [Candidate(v[:max_k], r.num_tokens - 1, w) for r, v, w in zip(reqs, values, weights)]
+        cands = [Candidate(v[:max_k], r.num_tokens - 1) for r, v in zip(reqs, values)]
         self.last_choice = choose_counts(cands, layout, self.step_time)
         return self.last_choice.counts
 
@@ -200,21 +196,6 @@ class Speculator:
         if r.params.max_tokens is not None:
             room = min(room, r.params.max_tokens - r.num_output_tokens - 1)
         return max(0, room)
-
-
-def drain_weights(left: list[int], draining: bool) -> list[float]:
-    """What a token of each decoding request is worth, given the tokens each may still generate
-    (`left`, less one: max_tokens or the context bound it). In a server every token counts: each
-    request has its own client (SmartSpec's goodput). So it does offline while prompts wait: a slot
-    freed early takes the next one. But once an offline batch is `draining` (nothing waits), it ends
-    with its longest request, and a token of a request already ahead brings that end no closer:
-    only the requests within DRAIN_SLACK of the most left count, so the ones ahead stop paying for
-    drafts and the ones behind are weighed by what they alone gain (in a batch of 4 where one
-    request was ahead, drafts had cost 5-10% a step and shortened the batch by 2 steps of 65)."""
-    if not draining or not left:
-        return [1.0] * len(left)
-    most = max(left)
-    return [1.0 if n >= (1 - DRAIN_SLACK) * most else 0.0 for n in left]
 
 
 def step_layout(sched: SchedulerOutput) -> StepLayout:
