@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import heapq
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 

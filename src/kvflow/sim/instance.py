@@ -261,7 +261,7 @@ class SimInstance:
         self.num_preemptions += 1
         req.num_preemptions += 1
         if req.request_id in self.decoding:
-            tokens = self._stop_decoding(req, k)
+            self._stop_decoding(req, k)
         else:
             self.prefilling.remove(req)
             self._free(req, req.num_computed)
