@@ -235,8 +235,9 @@ def _run_rows(llm, methods: dict, run, key: str, rounds: int, warmup: list[int],
     """The no-spec row and each method's, `rounds` times in turn, so that the machine's drift lands
     on every row alike rather than on whichever ran during a slow minute; every other round runs them
     in reverse order, so a drift across a round does not always land on the same row. A row reports
-    the median of `key` over its rounds, the median of its per-round ratios to the same round's no-spec (with the
-    speculation stats of that round), every round's ratio, and the fewest outputs equal to no-spec's."""
+    the median of `key` over its rounds, the median of its per-round ratios to the same round's
+    no-spec (with the speculation stats of that round), every round's ratio, and the fewest outputs
+    equal to no-spec's."""
     rounds_rows = []
     for r in range(rounds):
         order = [("no-spec", None), *methods.items()]

@@ -115,8 +115,8 @@ def _top_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Each row's k best token ids: the C kernel's one pass where it is faster (measured), else torch."""
     if logits.device.type == "cpu" and cpu_kernels.kernels() is not None:
         key = ("topk", logits.shape[1], k, op_select.rows_class(logits.shape[0]))
-        candidates = {"c": lambda: cpu_kernels.topk_indices(logits, k), "torch": lambda: logits.topk(k, dim=-1)}
-        if op_select.choose(key, lambda: candidates) == "c":
+        if op_select.choose(key, lambda: {"c": lambda: cpu_kernels.topk_indices(logits, k),
+                                          "torch": lambda: logits.topk(k, dim=-1)}) == "c":
             top = cpu_kernels.topk_indices(logits, k)
             if top is not None:
                 return top
